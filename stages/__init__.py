@@ -1,0 +1,1 @@
+"""tiflow: the pipeline stages (each runnable as ``python -m stages.<name>``) and their shared package."""

@@ -1,0 +1,1 @@
+"""cache_latents: encode every preprocessed image with the model's VAE once, keyed by content."""

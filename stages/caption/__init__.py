@@ -1,0 +1,1 @@
+"""caption: one caption per preprocessed image, from sidecars, file names or nothing."""

@@ -1,0 +1,1 @@
+"""Code shared by the tiflow stages: config, files, model families, models, tokens, embeddings."""

@@ -1,0 +1,169 @@
+"""Built-in random-weight models of the real Stable Diffusion architectures.
+
+No pretrained weights exist offline, so tests, the demo and benchmarks use models that have
+the real diffusers/transformers classes, the real CLIP vocabulary and the real file layouts,
+with weights drawn from a fixed seed. Throughput does not depend on weight values.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from stages.common.clip_vocab import VOCAB_SIZE, build_clip_tokenizer, write_tokenizer_files
+
+PREFIX = "builtin:"
+
+_SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """The architecture of one builtin model: diffusers/transformers constructor arguments."""
+
+    family: str
+    description: str
+    unet: dict
+    vae: dict
+    text_encoder: dict
+    scheduler: dict = field(default_factory=lambda: dict(_SD_SCHEDULER, prediction_type="epsilon"))
+
+
+def _unet(channels: tuple[int, ...], cross_dim: int, head_dim: int | tuple, sample_size: int, **extra) -> dict:
+    # SD1.x layout: cross-attention in every level but the deepest, 2 resnets per level
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1),
+        cross_attention_dim=cross_dim,
+        attention_head_dim=head_dim,
+        norm_num_groups=32,
+        **extra,
+    )
+
+
+def _vae(channels: tuple[int, ...], sample_size: int) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=channels,
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        norm_num_groups=32,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    )
+
+
+def _clip_l(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
+    return dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,  # not 2: the legacy argmax pooling breaks with added tokens
+        pad_token_id=1,
+    )
+
+
+BUILTIN_MODELS: dict[str, BuiltinSpec] = {
+    # a few MB: every test and the demo; same block structure as SD1.5, narrow channels
+    "tiny-sd15": BuiltinSpec(
+        family="sd1",
+        description="SD1.5 architecture at toy width (32-64 channels, 32-wide text encoder)",
+        unet=_unet((32, 32, 64, 64), cross_dim=32, head_dim=8, sample_size=64),
+        vae=_vae((32, 32, 64, 64), sample_size=512),
+        text_encoder=_clip_l(hidden=32, layers=2, heads=4, intermediate=64),
+    ),
+    # mid-sized: CPU benchmarks where the tiny model is all overhead
+    "small-sd15": BuiltinSpec(
+        family="sd1",
+        description="SD1.5 architecture at a quarter of its width",
+        unet=_unet((64, 128, 256, 256), cross_dim=192, head_dim=8, sample_size=64),
+        vae=_vae((32, 64, 128, 128), sample_size=512),
+        text_encoder=_clip_l(hidden=192, layers=4, heads=4, intermediate=768),
+    ),
+    # the real size (860M UNet, 123M text encoder, 84M VAE): GPU benchmarks and real checkpoints
+    "sd15": BuiltinSpec(
+        family="sd1",
+        description="Stable Diffusion 1.5 at full size",
+        unet=_unet((320, 640, 1280, 1280), cross_dim=768, head_dim=8, sample_size=64),
+        vae=_vae((128, 256, 512, 512), sample_size=512),
+        text_encoder=_clip_l(hidden=768, layers=12, heads=12, intermediate=3072),
+    ),
+}
+
+
+def parse_builtin_name(path: str) -> str | None:
+    """'builtin:tiny-sd15' → 'tiny-sd15'; anything else → None."""
+    if not str(path).startswith(PREFIX):
+        return None
+    name = str(path)[len(PREFIX) :]
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"model.path: unknown builtin model {name!r}; available: {', '.join(PREFIX + n for n in BUILTIN_MODELS)}")
+    return name
+
+
+def build_builtin_components(name: str, seed: int = 0) -> dict:
+    """Instantiate a builtin model's components with weights drawn from `seed` (same seed → same weights)."""
+    spec = BUILTIN_MODELS[name]
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(**spec.unet)
+        torch.manual_seed(seed + 2)
+        vae = AutoencoderKL(**spec.vae)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return {
+        "tokenizer": build_clip_tokenizer(),
+        "text_encoder": text_encoder.eval(),
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "scheduler": DDPMScheduler(**spec.scheduler),
+    }
+
+
+def write_builtin_configs(name: str, folder: Path) -> Path:
+    """Write a diffusers folder's configs and tokenizer (no weights) for a builtin architecture.
+
+    Single-file checkpoints carry no configs; these are what loading one offline needs.
+    """
+    spec = BUILTIN_MODELS[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    for sub, cls, kwargs in (("unet", UNet2DConditionModel, spec.unet), ("vae", AutoencoderKL, spec.vae)):
+        (folder / sub).mkdir(exist_ok=True)
+        config = dict(kwargs, _class_name=cls.__name__)
+        (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "text_encoder").mkdir(exist_ok=True)
+    text_config = CLIPTextConfig(**spec.text_encoder).to_dict()
+    text_config["architectures"] = ["CLIPTextModel"]
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(text_config, indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(spec.scheduler, _class_name="DDPMScheduler"), indent=2))
+    write_tokenizer_files(folder / "tokenizer")
+    return folder

@@ -1,0 +1,101 @@
+"""config.yaml: load, validate against config.schema.yaml, fill defaults, resolve runs."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value that is missing, unknown, of the wrong type or out of range."""
+
+
+def _with_defaults(validator_class):
+    """A validator that also writes each property's schema default into the instance."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, subschema in properties.items():
+                if "default" in subschema and key not in instance:
+                    instance[key] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def _describe(error: jsonschema.ValidationError, source: str) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    allowed = error.schema.get("description") if isinstance(error.schema, dict) else None
+    if error.validator == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        hint = f"; allowed keys here: {', '.join(known)}" if known else ""
+        return f"{source}: {key}: {error.message}{hint}"
+    if error.validator == "enum":
+        return f"{source}: {key}: {error.instance!r} is not allowed; choose one of: {', '.join(map(str, error.validator_value))}"
+    detail = f" ({allowed})" if allowed else ""
+    return f"{source}: {key}: {error.message}{detail}"
+
+
+def validate_config(config: dict, source: str = "config.yaml") -> dict:
+    """Validate `config` in place, fill defaults, and return it. Raises ConfigError naming the key."""
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: the file must hold a mapping of keys (out_dir, model, dataset, ...), found {type(config).__name__}")
+    # run entries override train.*; keep them as written so schema defaults don't mask train.*
+    runs_as_written = copy.deepcopy(config.get("runs"))
+    validator_class = _with_defaults(jsonschema.validators.validator_for(load_schema()))
+    errors = sorted(validator_class(load_schema()).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        # the deepest error is the most specific (a oneOf/anyOf failure wraps the real reason)
+        best = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(_describe(best, source))
+    if runs_as_written is not None:
+        config["runs"] = {name: dict(overrides or {}) for name, overrides in runs_as_written.items()}
+    _check_learning_rates(config, source)
+    return config
+
+
+def _check_learning_rates(config: dict, source: str) -> None:
+    from stages.common.schedule import parse_learning_rate  # local: schedule imports nothing from here
+
+    for key, settings in [("train", config["train"])] + [(f"runs.{n}", s) for n, s in config["runs"].items()]:
+        if "learning_rate" in settings:
+            try:
+                parse_learning_rate(settings["learning_rate"])
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {key}.learning_rate: {exc}") from None
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and validate a config.yaml. Missing file or bad YAML → ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file; copy config.yaml from the repository and edit it") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return validate_config(raw, source=str(path))
+
+
+def run_settings(config: dict, run: str) -> dict:
+    """The settings of one run: train.* defaults overridden by runs.<run>, plus its trigger word."""
+    if run not in config["runs"]:
+        raise ConfigError(f"runs: no run named {run!r}; runs defined: {', '.join(config['runs'])}")
+    settings = dict(config["train"])
+    settings.update(config["runs"][run])
+    settings.setdefault("token", run)
+    settings["name"] = run
+    return settings

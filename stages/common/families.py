@@ -1,0 +1,59 @@
+"""Stable Diffusion model families as data: everything the stages do differently per family.
+
+The trainer, the cache and the embedding code read these rows instead of branching on names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a family and the key its vectors carry in an embedding file."""
+
+    embedding_key: str  # key in {run}.safetensors (AUTOMATIC1111/ComfyUI convention)
+    width: int  # hidden size of the full-size encoder; tiny builtins are narrower
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    text_encoders: tuple[TextEncoderSlot, ...]
+    prediction_type: str  # "epsilon" or "v_prediction": what the UNet is trained to predict
+    resolution: int  # native training side in pixels
+    vae_scaling_factor: float  # latents are multiplied by this before the UNet sees them
+    pad_with_eos: bool  # SD1 pads prompts with <|endoftext|>, OpenCLIP models with "!" (id 0)
+    penultimate_layer: bool  # SDXL conditions on hidden_states[-2] without the final norm
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L/14)", (TextEncoderSlot("emb_params", 768),), "epsilon", 512, 0.18215, True, False),
+        Family("sd2", "Stable Diffusion 2.x base (OpenCLIP ViT-H/14, epsilon)", (TextEncoderSlot("emb_params", 1024),), "epsilon", 512, 0.18215, False, False),
+        Family("sd2-v", "Stable Diffusion 2.x 768-v (OpenCLIP ViT-H/14, v-prediction)", (TextEncoderSlot("emb_params", 1024),), "v_prediction", 768, 0.18215, False, False),
+        Family(
+            "sdxl",
+            "Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG)",
+            (TextEncoderSlot("clip_l", 768), TextEncoderSlot("clip_g", 1280)),
+            "epsilon",
+            1024,
+            0.13025,
+            False,
+            True,
+        ),
+    )
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; allowed: {', '.join(FAMILIES)} (or 'auto')") from None
+
+
+def family_for_widths(widths: tuple[int, ...]) -> list[str]:
+    """Families whose full-size text encoders have exactly these widths (to name the origin of an embedding)."""
+    return [f.name for f in FAMILIES.values() if tuple(s.width for s in f.text_encoders) == widths]

@@ -1,0 +1,117 @@
+"""New tokens for an embedding: trigger-word checks, initial vectors, prompt expansion, encoding."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+
+class TokenError(ValueError):
+    """A trigger word or init text that cannot work, found before any training."""
+
+
+PROMPT_TOKEN_BUDGET = 75  # 77 positions minus <|startoftext|> and <|endoftext|>
+
+
+def placeholder_tokens(trigger: str, vectors: int) -> list[str]:
+    """The tokenizer entries one embedding occupies: trigger, trigger_1, ... (diffusers' naming)."""
+    return [trigger] + [f"{trigger}_{i}" for i in range(1, vectors)]
+
+
+def check_trigger(tokenizer, trigger: str, vectors: int) -> None:
+    """Refuse a trigger word that the vocabulary already has, or more vectors than a prompt holds."""
+    pieces = tokenizer.tokenize(trigger)
+    if len(pieces) == 1 and pieces[0] in tokenizer.get_vocab():
+        raise TokenError(
+            f"trigger word {trigger!r} is already the vocabulary token {pieces[0]!r}; training it would change "
+            f"what {trigger!r} means in every prompt. Rename the run (or set token:) to a made-up word such as {trigger}tok"
+        )
+    if vectors > PROMPT_TOKEN_BUDGET - 1:
+        raise TokenError(f"vectors={vectors} leaves no room in the {PROMPT_TOKEN_BUDGET}-token prompt window; use at most {PROMPT_TOKEN_BUDGET - 1}")
+
+
+def add_placeholder_tokens(tokenizer, trigger: str, vectors: int) -> list[int]:
+    """Add the embedding's tokens to `tokenizer` and return their ids (at or above the base vocabulary size)."""
+    check_trigger(tokenizer, trigger, vectors)
+    tokens = placeholder_tokens(trigger, vectors)
+    tokenizer.add_tokens(tokens)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+def initial_vectors(tokenizer, token_embedding: torch.Tensor, init_text: str, vectors: int) -> torch.Tensor:
+    """AUTOMATIC1111's initialisation: the init text's token vectors, repeated or cut to `vectors`.
+
+    "*" or an empty init text gives zeros.
+    """
+    width = token_embedding.shape[1]
+    result = torch.zeros(vectors, width, dtype=torch.float32)
+    if init_text.strip() in ("", "*"):
+        return result
+    ids = tokenizer(init_text, add_special_tokens=False).input_ids
+    if not ids:
+        raise TokenError(f"init_text {init_text!r} has no tokens; use a word close to the concept, or '*' for zeros")
+    source = token_embedding[torch.tensor(ids)].float()
+    for i in range(vectors):
+        result[i] = source[i % len(ids)]
+    return result
+
+
+def expand_trigger(prompt: str, trigger: str, vectors: int) -> str:
+    """Replace each whole-word trigger with the embedding's tokens (`demotok` → `demotok demotok_1`)."""
+    tokens = " ".join(placeholder_tokens(trigger, vectors))
+    return re.sub(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", tokens, prompt)
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], pad_with_eos: bool = True) -> torch.Tensor:
+    """Token ids [batch, 77]: <|startoftext|> prompt <|endoftext|> padding, cut to the window."""
+    encoded = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt")
+    ids = encoded.input_ids
+    if not pad_with_eos:
+        ids = ids.masked_fill(encoded.attention_mask == 0, 0)  # OpenCLIP pads with "!" (id 0)
+    return ids
+
+
+class TrainableTokenEmbedding(nn.Module):
+    """A token embedding whose base vocabulary is frozen and whose new rows are the only parameters.
+
+    No gradient, optimizer state or write-back ever touches the 49,408 base rows.
+    """
+
+    def __init__(self, base: nn.Embedding, new_vectors: torch.Tensor):
+        super().__init__()
+        self.base_weight = base.weight  # shared with the text encoder, frozen
+        self.base_size = base.weight.shape[0]
+        self.new_vectors = nn.Parameter(new_vectors.to(base.weight.dtype).clone())
+
+    @property
+    def weight(self) -> torch.Tensor:  # what code asking the embedding for its matrix expects
+        return torch.cat([self.base_weight, self.new_vectors.detach()])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = input_ids >= self.base_size
+        base = nn.functional.embedding(input_ids.clamp(max=self.base_size - 1), self.base_weight)
+        new = self.new_vectors[(input_ids - self.base_size).clamp(min=0, max=self.new_vectors.shape[0] - 1)]
+        return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
+
+
+def install_trainable_embedding(text_encoder: nn.Module, new_vectors: torch.Tensor) -> TrainableTokenEmbedding:
+    """Swap the text encoder's token embedding for one with trainable new rows; return it."""
+    embeddings = text_encoder.get_input_embeddings()
+    trainable = TrainableTokenEmbedding(embeddings, new_vectors)
+    text_encoder.set_input_embeddings(trainable)
+    return trainable
+
+
+def encode_prompt_ids(text_encoder: nn.Module, input_ids: torch.Tensor, clip_skip: int = 1, penultimate: bool = False) -> torch.Tensor:
+    """The UNet's cross-attention context for token ids, with AUTOMATIC1111's clip-skip rule.
+
+    clip_skip=N takes the N-th layer from the end and applies the final layer norm (as
+    AUTOMATIC1111 does for SD1); SDXL-style models take hidden_states[-2] without the norm.
+    """
+    if clip_skip == 1 and not penultimate:
+        return text_encoder(input_ids).last_hidden_state
+    output = text_encoder(input_ids, output_hidden_states=True)
+    if penultimate:
+        return output.hidden_states[-2]
+    return text_encoder.final_layer_norm(output.hidden_states[-clip_skip])

@@ -1,0 +1,1 @@
+"""preprocess: turn a folder of user images into normalised, framed training images."""

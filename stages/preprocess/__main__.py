@@ -1,0 +1,44 @@
+"""python -m stages.preprocess: frame a folder of images for training (see --help)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage, section_from_json
+from stages.preprocess.prepare import PreprocessSettings, preprocess_folder, resolve_source
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.preprocess",
+        description="Normalise and frame every image of a folder (or builtin:demo); write PNGs, captions, manifest.csv and skipped.csv.",
+    )
+    add_settings_arguments(parser)
+    parser.add_argument("--images", help="source folder or builtin:demo (default: dataset.images of the config)")
+    parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/preprocess)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.settings is not None:
+        section = section_from_json("preprocess", args.settings)
+        if not (args.images and args.out):
+            raise ValueError("--settings needs --images and --out too")
+        images, out = args.images, args.out
+    else:
+        config = load_full_config(args)
+        section = config["preprocess"]
+        images = args.images or config["dataset"]["images"]
+        out = args.out or Path(config["out_dir"]) / "preprocess"
+    settings = PreprocessSettings.from_section(section)
+    source = resolve_source(images, out.parent)
+    summary = preprocess_folder(source, out, settings, progress=lambda items: tqdm(items, desc="preprocess", unit="img"))
+    print(f"preprocess: {summary.kept} kept, {summary.skipped} skipped (see {out / 'skipped.csv'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main, build_parser()))

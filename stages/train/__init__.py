@@ -1,0 +1,1 @@
+"""train: learn a Textual Inversion embedding from cached latents and captions."""

@@ -1,0 +1,43 @@
+"""Training examples: cached latent distributions paired with their captions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+
+@dataclass
+class LatentExample:
+    image: str
+    mean: torch.Tensor  # [4, h, w], unscaled VAE output
+    logvar: torch.Tensor
+    caption: str
+
+
+def load_examples(latents_dir: Path, captions_dir: Path) -> list[LatentExample]:
+    """Every cache entry listed in latents/manifest.csv with the caption of its image."""
+    manifest = pd.read_csv(latents_dir / "manifest.csv", keep_default_na=False)
+    captions = pd.read_csv(captions_dir / "captions.csv", keep_default_na=False)
+    caption_of = dict(zip(captions.image, captions.caption))
+    examples = []
+    for record in manifest.itertuples():
+        if record.image not in caption_of:
+            raise ValueError(f"{captions_dir / 'captions.csv'} has no caption for {record.image}; rerun the caption stage")
+        tensors = load_file(str(latents_dir / record.latent_file))
+        examples.append(LatentExample(record.image, tensors["mean"], tensors["logvar"], str(caption_of[record.image])))
+    if not examples:
+        raise ValueError(f"{latents_dir / 'manifest.csv'} lists no latents; nothing to train on")
+    return examples
+
+
+def sample_latent(example: LatentExample, method: str, generator: torch.Generator, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """AUTOMATIC1111's latent sampling: `deterministic` = mean, `random` = fresh sample, `once` = `fixed`."""
+    if method == "deterministic":
+        return example.mean
+    if method == "once" and fixed is not None:
+        return fixed
+    eps = torch.randn(example.mean.shape, generator=generator)  # eps ~ N(0, I)
+    return example.mean + torch.exp(0.5 * example.logvar) * eps  # z = mu + sigma * eps
