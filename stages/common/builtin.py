@@ -14,9 +14,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from stages.common.paths import BUILTIN_PREFIX as PREFIX
 from stages.common.clip_vocab import VOCAB_SIZE, build_clip_tokenizer, write_tokenizer_files
 
-PREFIX = "builtin:"
 
 _SD_SCHEDULER = {
     "num_train_timesteps": 1000,

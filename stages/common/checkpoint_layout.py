@@ -11,10 +11,8 @@ diffusers maintains for them. The two meet in the round-trip tests.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from torch import Tensor
 
 from stages.common.builtin import BUILTIN_MODELS, BuiltinSpec
 from stages.common.families import get_family
+from stages.common.files import atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -201,16 +200,8 @@ def save_original_checkpoint(
         metadata[META_ARCHITECTURE] = builtin_name
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a temp file beside the target, then an atomic rename: readers never see a half-written file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata=metadata)
 
 
 # ------------------------------------------------------------------------------------------ read

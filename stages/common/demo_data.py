@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-DEMO_NAME = "builtin:demo"
+from stages.common.paths import DEMO_DATASET as DEMO_NAME
 _BACKGROUNDS = [("green", (70, 140, 80)), ("blue", (60, 90, 170)), ("sandy", (210, 190, 140)), ("grey", (128, 128, 128))]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +11,6 @@ import torch
 
 from stages.common.builtin import BUILTIN_MODELS, build_builtin_components, parse_builtin_name
 from stages.common.families import Family, get_family
-
-# A stray hub call must fail at once instead of hanging on a machine with no network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
     examples = load_examples(latents, captions)
     result = train_embedding(bundle, examples, train_settings, out,
                              progress=lambda steps: tqdm(steps, desc=f"train {args.run}", unit="step"))
-    print(f"train: {args.run} done, {len(result.losses)} steps, final loss {result.losses[-1]:.4f}; wrote {out / (args.run + '.safetensors')}")
+    print(f"train: {args.run} done after {len(result.losses)} steps; loss on fixed noise {result.probe_loss_start:.4f} → "
+          f"{result.probe_loss_end:.4f}; wrote {out / (args.run + '.safetensors')}")
     return 0
 
 

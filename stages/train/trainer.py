@@ -57,6 +57,8 @@ class TrainResult:
     embedding: Embedding
     initial_vectors: torch.Tensor
     losses: list[float] = field(default_factory=list)
+    probe_loss_start: float = float("nan")  # loss on fixed noise and timesteps, before the first step
+    probe_loss_end: float = float("nan")  # the same after the last step: comparable, unlike step losses
 
 
 class TextualInversion:
@@ -139,6 +141,10 @@ def train_embedding(
     num_timesteps = bundle.scheduler.config.num_train_timesteps
     once_latents = [sample_latent(e, "random", generator) for e in examples] if settings.latent_sampling == "once" else None
 
+    probe = fixed_probe(examples, count=min(16, 2 * len(examples)), seed=settings.seed + 1, num_timesteps=num_timesteps)
+    probe_prompts = [build_prompt(template[0] if template else None, e.caption, settings.token) for e in examples]
+    probe_start = probe_loss(model, examples, probe, probe_prompts)
+
     order: list[int] = []
     log_rows = []
     started = time.perf_counter()
@@ -177,4 +183,5 @@ def train_embedding(
     final = model.current_embedding(settings.steps)
     save_embedding_files(final, out_dir, settings.name)
     write_csv_atomic(out_dir / "loss.csv", pd.DataFrame(log_rows, columns=["step", "loss", "lr", "images_per_s"]))
-    return TrainResult(embedding=final, initial_vectors=model.initial, losses=[row["loss"] for row in log_rows])
+    return TrainResult(embedding=final, initial_vectors=model.initial, losses=[row["loss"] for row in log_rows],
+                       probe_loss_start=probe_start, probe_loss_end=probe_loss(model, examples, probe, probe_prompts))

@@ -1,0 +1,116 @@
+# tiflow: preprocess → caption → cache_latents → train → evaluate.
+# Rules only; every rule calls a stage program that also runs by hand (python -m stages.<name>).
+import sys
+
+from stages.common.config import ConfigError, validate_config
+from stages.common.workflow import dataset_inputs, evaluate_params, model_inputs, to_json, train_params
+
+configfile: "config.yaml"
+
+try:
+    validate_config(config)
+except ConfigError as error:
+    sys.exit(f"tiflow: {error}")
+
+PY = sys.executable  # the interpreter snakemake runs in, so stages see the same packages
+OUT = config["out_dir"]
+RUNS = list(config["runs"])
+
+
+rule all:
+    input:
+        expand(f"{OUT}/evaluate/{{run}}/grid.png", run=RUNS),
+
+
+rule preprocess:
+    input:
+        dataset_inputs(config),
+    output:
+        manifest=f"{OUT}/preprocess/manifest.csv",
+        skipped=f"{OUT}/preprocess/skipped.csv",
+    params:
+        settings=to_json(config["preprocess"]),
+        images=config["dataset"]["images"],
+        out=f"{OUT}/preprocess",
+    log:
+        f"{OUT}/logs/preprocess.log",
+    threads: workflow.cores
+    shell:
+        "{PY} -m stages.preprocess --settings {params.settings:q} --images {params.images:q} --out {params.out:q} 2>&1 | tee {log:q}"
+
+
+rule caption:
+    input:
+        rules.preprocess.output.manifest,
+    output:
+        f"{OUT}/caption/captions.csv",
+    params:
+        settings=to_json(config["caption"]),
+        preprocessed=f"{OUT}/preprocess",
+        out=f"{OUT}/caption",
+    log:
+        f"{OUT}/logs/caption.log",
+    shell:
+        "{PY} -m stages.caption --settings {params.settings:q} --preprocessed {params.preprocessed:q} --out {params.out:q} 2>&1 | tee {log:q}"
+
+
+rule cache_latents:
+    input:
+        manifest=rules.preprocess.output.manifest,
+        model=model_inputs(config),
+    output:
+        f"{OUT}/latents/manifest.csv",
+    params:
+        settings=to_json(config["model"]),
+        flip="--flip" if config["preprocess"]["flip"] else "--no-flip",
+        preprocessed=f"{OUT}/preprocess",
+        out=f"{OUT}/latents",
+        store=f"{OUT}/cache/latents",  # outside the outputs: survives reruns, keyed by content
+    log:
+        f"{OUT}/logs/cache_latents.log",
+    threads: workflow.cores
+    shell:
+        "{PY} -m stages.cache_latents --settings {params.settings:q} {params.flip} --preprocessed {params.preprocessed:q}"
+        " --out {params.out:q} --store {params.store:q} 2>&1 | tee {log:q}"
+
+
+rule train:
+    input:
+        latents=rules.cache_latents.output,
+        captions=rules.caption.output,
+        model=model_inputs(config),
+    output:
+        embedding=f"{OUT}/train/{{run}}/{{run}}.safetensors",
+        a1111=f"{OUT}/train/{{run}}/{{run}}.pt",
+        loss=f"{OUT}/train/{{run}}/loss.csv",
+    params:
+        settings=lambda wildcards: train_params(config, wildcards.run),
+        latents=f"{OUT}/latents",
+        captions=f"{OUT}/caption",
+        out=lambda wildcards: f"{OUT}/train/{wildcards.run}",
+    log:
+        f"{OUT}/logs/train_{{run}}.log",
+    threads: workflow.cores
+    shell:
+        "{PY} -m stages.train --settings {params.settings:q} --run {wildcards.run:q} --latents {params.latents:q}"
+        " --captions {params.captions:q} --out {params.out:q} 2>&1 | tee {log:q}"
+
+
+rule evaluate:
+    input:
+        embedding=rules.train.output.embedding,
+        loss=rules.train.output.loss,
+        model=model_inputs(config),
+    output:
+        grid=f"{OUT}/evaluate/{{run}}/grid.png",
+        loss=f"{OUT}/evaluate/{{run}}/loss.png",
+    params:
+        settings=lambda wildcards: evaluate_params(config, wildcards.run),
+        train_dir=lambda wildcards: f"{OUT}/train/{wildcards.run}",
+        out=lambda wildcards: f"{OUT}/evaluate/{wildcards.run}",
+    log:
+        f"{OUT}/logs/evaluate_{{run}}.log",
+    threads: workflow.cores
+    shell:
+        "{PY} -m stages.evaluate --settings {params.settings:q} --run {wildcards.run:q} --train-dir {params.train_dir:q}"
+        " --out {params.out:q} 2>&1 | tee {log:q}"

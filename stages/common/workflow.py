@@ -1,0 +1,43 @@
+"""What the Snakefile needs from the config: each rule's settings as JSON and its input files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.common.config import run_settings
+from stages.common.paths import BUILTIN_PREFIX, DEMO_DATASET
+
+
+def to_json(value) -> str:
+    """Stable JSON, so an unchanged section gives unchanged params and Snakemake reruns nothing."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def dataset_inputs(config: dict) -> list[str]:
+    """Every file of the image folder, so adding, removing or editing one reruns preprocess."""
+    images = config["dataset"]["images"]
+    if images == DEMO_DATASET:
+        return []
+    folder = Path(images)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset.images: {images} is not a folder; give a folder of images or {DEMO_DATASET}")
+    return sorted(str(p) for p in folder.iterdir() if p.is_file())
+
+
+def model_inputs(config: dict) -> list[str]:
+    """The model file or folder, so replacing the checkpoint reruns what depends on it."""
+    path = config["model"]["path"]
+    if path.startswith(BUILTIN_PREFIX):
+        return []
+    if not Path(path).exists():
+        raise FileNotFoundError(f"model.path: {path} does not exist; give a diffusers folder, a .safetensors/.ckpt file or builtin:tiny-sd15")
+    return [path]
+
+
+def train_params(config: dict, run: str) -> str:
+    return to_json({"model": config["model"], "run": {k: v for k, v in run_settings(config, run).items() if k != "name"}})
+
+
+def evaluate_params(config: dict, run: str) -> str:
+    return to_json({"model": config["model"], "evaluate": config["evaluate"], "size": config["preprocess"]["size"],
+                    "token": run_settings(config, run)["token"]})

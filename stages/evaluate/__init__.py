@@ -1,0 +1,1 @@
+"""evaluate: sample grids and loss curves for each trained embedding."""
