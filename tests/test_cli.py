@@ -1,0 +1,64 @@
+"""Each stage by hand (python -m stages.<name> --config) and the tiflow console script."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from test_workflow import TINY
+
+STAGES = ["preprocess", "caption", "cache_latents", "train", "evaluate"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_help(stage, tmp_path):
+    result = run("-m", f"stages.{stage}", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "--config" in result.stdout and "--settings" in result.stdout
+
+
+def test_stages_run_by_hand_from_config_yaml(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    for stage in STAGES:
+        extra = ["--run", "demotok"] if stage in ("train", "evaluate") else []
+        result = run("-m", f"stages.{stage}", *extra, cwd=tmp_path)
+        assert result.returncode == 0, f"{stage}: {result.stderr[-2000:]}"
+    assert (tmp_path / "out/train/demotok/demotok.safetensors").is_file()
+    assert (tmp_path / "out/evaluate/demotok/grid.png").is_file()
+
+
+def test_a_refused_input_gives_one_line_and_a_failing_status(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"preprocess": {"size": 100}}))
+    result = run("-m", "stages.preprocess", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "python -m stages.preprocess: error: config.yaml: preprocess.size: 100 is not a multiple of 8"
+    ]
+
+
+def test_export_model_writes_loadable_folder_and_single_file(tmp_path):
+    tiflow = Path(sys.executable).with_name("tiflow")
+    command = [str(tiflow)] if tiflow.exists() else [sys.executable, "-m", "stages.cli"]
+    result = subprocess.run([*command, "export-model", "builtin:tiny-sd15", str(tmp_path / "tiny"), "--single-file", str(tmp_path / "tiny.safetensors")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    from stages.common.models import load_model
+
+    builtin, folder, single = (load_model(p) for p in ("builtin:tiny-sd15", str(tmp_path / "tiny"), str(tmp_path / "tiny.safetensors")))
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
+    for loaded in (folder, single):
+        assert loaded.family.name == "sd1" and len(loaded.tokenizer) == 49408
+        for part in ("unet", "vae", "text_encoder"):
+            expected, actual = getattr(builtin, part).state_dict(), getattr(loaded, part).state_dict()
+            assert expected.keys() == actual.keys()
+            assert all(torch.equal(expected[k], actual[k]) for k in expected), part
+
+
+def test_export_model_refuses_an_unknown_builtin(tmp_path):
+    result = run("-m", "stages.cli", "export-model", "builtin:nope", str(tmp_path / "x"), cwd=tmp_path)
+    assert result.returncode == 1 and "unknown builtin model 'nope'" in result.stderr

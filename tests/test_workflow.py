@@ -1,0 +1,67 @@
+"""The Snakemake workflow on a tiny config in a temporary folder: what runs, what reruns, what it leaves."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REPO
+
+TINY = {
+    "out_dir": "out",
+    "preprocess": {"size": 64},
+    "train": {"steps": 4, "save_every": 2, "learning_rate": 0.01},
+    "runs": {"demotok": {"init_text": "cat", "vectors": 2}},
+    "evaluate": {"prompts": ["a photo of [name]"], "seeds": [1], "steps": 2},
+}
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
+    return {line.split("rule ")[1].rstrip(":") for line in result.stdout.splitlines() if line.startswith("rule ")}
+
+
+@pytest.fixture(scope="module")
+def finished_workflow(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
+    assert planned_jobs(snakemake(workdir, "-n")) == {"preprocess", "caption", "cache_latents", "train", "evaluate", "all"}
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_workflow_leaves_the_promised_files(finished_workflow):
+    out = finished_workflow / "out"
+    for name in ["train/demotok/demotok.safetensors", "train/demotok/demotok.pt", "train/demotok/loss.csv",
+                 "train/demotok/steps/demotok-2.safetensors", "evaluate/demotok/grid.png", "evaluate/demotok/loss.png",
+                 "preprocess/manifest.csv", "preprocess/skipped.csv", "caption/captions.csv", "latents/manifest.csv"]:
+        assert (out / name).is_file(), name
+    grid = Image.open(out / "evaluate/demotok/grid.png")
+    assert grid.width == 64 and grid.height > 64  # one seed, one prompt, plus its label
+
+
+def test_nothing_reruns_when_nothing_changed(finished_workflow):
+    result = snakemake(finished_workflow, "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-2000:]
+
+
+def test_a_train_edit_reruns_only_train_and_evaluate(finished_workflow):
+    edited = dict(TINY, train=dict(TINY["train"], learning_rate=0.02))
+    (finished_workflow / "edited.yaml").write_text(yaml.safe_dump(edited))
+    result = snakemake(finished_workflow, "-n", "--configfile", str(finished_workflow / "edited.yaml"))
+    assert planned_jobs(result) == {"train", "evaluate", "all"}
+
+
+def test_a_bad_config_stops_before_any_work(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"stepz": 3}}))
+    result = snakemake(tmp_path, "-n")
+    assert result.returncode != 0
+    assert "train: Additional properties are not allowed ('stepz' was unexpected)" in result.stderr
+    assert not (tmp_path / "out").exists()
