@@ -4,6 +4,7 @@ import sys
 
 from stages.common.config import ConfigError, validate_config
 from stages.common.workflow import dataset_inputs, evaluate_params, model_inputs, to_json, train_params
+from stages.caption.settings import tagger_inputs  # the tagger's model and tags files, when caption.method uses it
 
 configfile: "config.yaml"
 
@@ -32,26 +33,32 @@ rule preprocess:
         settings=to_json(config["preprocess"]),
         images=config["dataset"]["images"],
         out=f"{OUT}/preprocess",
+        cache=f"{OUT}/cache/preprocess",  # outside the outputs: survives reruns, keyed by content and settings
     log:
         f"{OUT}/logs/preprocess.log",
     threads: workflow.cores
     shell:
-        "{PY} -m stages.preprocess --settings {params.settings:q} --images {params.images:q} --out {params.out:q} 2>&1 | tee {log:q}"
+        "{PY} -m stages.preprocess --settings {params.settings:q} --images {params.images:q} --out {params.out:q}"
+        " --cache {params.cache:q} --threads {threads} 2>&1 | tee {log:q}"
 
 
 rule caption:
     input:
-        rules.preprocess.output.manifest,
+        manifest=rules.preprocess.output.manifest,
+        tagger=tagger_inputs(config["caption"]),  # replacing the model or its tags file re-captions
     output:
         f"{OUT}/caption/captions.csv",
     params:
         settings=to_json(config["caption"]),
         preprocessed=f"{OUT}/preprocess",
         out=f"{OUT}/caption",
+        store=f"{OUT}/cache/tagger",  # tagger scores outside the outputs: survive reruns, keyed by image and model content
     log:
         f"{OUT}/logs/caption.log",
+    threads: workflow.cores if tagger_inputs(config["caption"]) else 1
     shell:
-        "{PY} -m stages.caption --settings {params.settings:q} --preprocessed {params.preprocessed:q} --out {params.out:q} 2>&1 | tee {log:q}"
+        "{PY} -m stages.caption --settings {params.settings:q} --preprocessed {params.preprocessed:q} --out {params.out:q}"
+        " --store {params.store:q} --threads {threads} 2>&1 | tee {log:q}"
 
 
 rule cache_latents:
@@ -61,7 +68,7 @@ rule cache_latents:
     output:
         f"{OUT}/latents/manifest.csv",
     params:
-        settings=to_json(config["model"]),
+        settings=to_json({"model": config["model"], "cache_latents": config["cache_latents"]}),
         flip="--flip" if config["preprocess"]["flip"] else "--no-flip",
         preprocessed=f"{OUT}/preprocess",
         out=f"{OUT}/latents",
@@ -71,7 +78,7 @@ rule cache_latents:
     threads: workflow.cores
     shell:
         "{PY} -m stages.cache_latents --settings {params.settings:q} {params.flip} --preprocessed {params.preprocessed:q}"
-        " --out {params.out:q} --store {params.store:q} 2>&1 | tee {log:q}"
+        " --out {params.out:q} --store {params.store:q} --threads {threads} 2>&1 | tee {log:q}"
 
 
 rule train:
@@ -88,12 +95,13 @@ rule train:
         latents=f"{OUT}/latents",
         captions=f"{OUT}/caption",
         out=lambda wildcards: f"{OUT}/train/{wildcards.run}",
+        state=lambda wildcards: f"{OUT}/cache/train/{wildcards.run}",  # resume store: survives reruns
     log:
         f"{OUT}/logs/train_{{run}}.log",
     threads: workflow.cores
     shell:
         "{PY} -m stages.train --settings {params.settings:q} --run {wildcards.run:q} --latents {params.latents:q}"
-        " --captions {params.captions:q} --out {params.out:q} 2>&1 | tee {log:q}"
+        " --captions {params.captions:q} --out {params.out:q} --state-dir {params.state:q} 2>&1 | tee {log:q}"
 
 
 rule evaluate:

@@ -2,49 +2,72 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.cache_latents.encode import cache_latents
-from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage, section_from_json
+from stages.cache_latents.settings import CacheSettings
+from stages.common.config import validate_config
+from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m stages.cache_latents",
-        description="Encode preprocessed images with the model's VAE into a content-keyed store; write latents/manifest.csv.",
+        description="Encode preprocessed images (and their mirrored copies) with the model's VAE into a content-keyed "
+        "store that survives reruns; write latents/manifest.csv, the list training reads.",
     )
     add_settings_arguments(parser)
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="also encode mirrored copies (default: preprocess.flip)")
     parser.add_argument("--preprocessed", type=Path, help="the preprocess stage's folder (default: {out_dir}/preprocess)")
     parser.add_argument("--out", type=Path, help="output folder for manifest.csv (default: {out_dir}/latents)")
     parser.add_argument("--store", type=Path, help="the persistent latent store (default: {out_dir}/cache/latents)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and file hashing (default: torch's own choice)")
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
+def _read_settings(args: argparse.Namespace) -> tuple[dict, CacheSettings, dict]:
+    """(model section, cache settings, paths) from --settings JSON (Snakemake) or config.yaml (by hand)."""
     if args.settings is not None:
-        model = section_from_json("model", args.settings)
+        try:
+            given = json.loads(args.settings)  # {"model": {...}, "cache_latents": {...}}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--settings: not valid JSON ({exc})") from None
+        config = validate_config({"model": given.get("model", {}), "cache_latents": given.get("cache_latents", {})}, source="--settings")
         if not (args.preprocessed and args.out and args.store):
             raise ValueError("--settings needs --preprocessed, --out and --store too")
-        preprocessed, out, store, flip = args.preprocessed, args.out, args.store, bool(args.flip)
+        paths = {"preprocessed": args.preprocessed, "out": args.out, "store": args.store, "flip": bool(args.flip)}
     else:
         config = load_full_config(args)
-        model = config["model"]
         root = Path(config["out_dir"])
-        preprocessed = args.preprocessed or root / "preprocess"
-        out = args.out or root / "latents"
-        store = args.store or root / "cache" / "latents"
-        flip = config["preprocess"]["flip"] if args.flip is None else args.flip
-    from stages.common.models import load_model  # heavy import after argument errors are reported
+        paths = {
+            "preprocessed": args.preprocessed or root / "preprocess",
+            "out": args.out or root / "latents",
+            "store": args.store or root / "cache" / "latents",
+            "flip": config["preprocess"]["flip"] if args.flip is None else args.flip,
+        }
+    return config["model"], CacheSettings.from_section(config["cache_latents"]), paths
 
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads < 0:
+        raise ValueError(f"--threads: {args.threads} is not a number of threads; give 0 (torch's choice) or more")
+    model, settings, paths = _read_settings(args)
+    import torch  # heavy imports after argument errors are reported
+
+    from stages.cache_latents.encode import cache_latents
+    from stages.cache_latents.encoder import vae_fingerprint
+    from stages.common.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bundle = load_model(model["path"], model["family"])
-    summary = cache_latents(preprocessed, out, store, bundle.vae, bundle.identity, flip, args.batch_size,
-                            progress=lambda items: tqdm(items, desc="cache_latents", unit="batch"))
-    print(f"cache_latents: {summary.encoded} encoded, {summary.reused} reused from {store}")
+    vae_identity = f"vae-{vae_fingerprint(bundle.vae)}"  # by weights: checkpoints that share a VAE share latents
+    summary = cache_latents(paths["preprocessed"], paths["out"], paths["store"], bundle.vae, vae_identity, paths["flip"], settings,
+                            progress=lambda samples, total: tqdm(samples, total=total, desc="cache_latents", unit="image"))
+    print(f"cache_latents: {summary.line()}; store {paths['store'] / vae_identity} (VAE of {model['path']})")
     return 0
 
 

@@ -1,55 +1,98 @@
-"""VAE-encode preprocessed images into a content-keyed store that survives reruns.
+"""The cache_latents stage's work: encode what the store lacks, then write the manifest training reads.
 
-Each entry holds the latent distribution's `mean` and `logvar` (unscaled VAE output), so
+Each store entry holds the latent distribution's `mean` and `logvar` (unscaled VAE output), so
 training can reproduce AUTOMATIC1111's `once`, `deterministic` and `random` latent sampling.
+The dataset streams through: images are read one batch at a time and each entry is written as
+soon as its batch is encoded, so memory does not grow with the number of images.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 
-from stages.common.files import atomic_path, hash_file, write_csv_atomic
+from stages.cache_latents.encoder import LatentEncoder
+from stages.cache_latents.pixels import image_to_tensor, read_image_size
+from stages.cache_latents.settings import CacheSettings
+from stages.cache_latents.store import EntryKey, LatentStore
+from stages.common.files import hash_file, write_csv_atomic, write_text_atomic
+
+__all__ = ["CacheSummary", "NonFiniteLatentsError", "Sample", "cache_latents", "image_to_tensor", "plan_samples"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["image", "flip", "latent_file", "width", "height", "latent_width", "latent_height", "image_sha256"]
+Progress = Callable[[Iterable, int], Iterable]
+
+
+class NonFiniteLatentsError(ValueError):
+    """The VAE gave NaN/inf latents for some images even in fp32; those were not cached."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One manifest row: a preprocessed image (or its mirrored copy) and the store entry it uses."""
+
+    image: str  # file name in the preprocess folder
+    path: Path
+    key: EntryKey
 
 
 @dataclass
 class CacheSummary:
-    encoded: int
-    reused: int
+    images: int  # manifest rows: images times flips
+    encoded: int  # entries written in this run
+    reused: int  # rows whose entry was already in the store
+    retried_fp32: int = 0  # entries that overflowed in fp16/bf16 and were encoded again in fp32
+    seconds: float = 0.0  # wall time of the encoding loop (reading, encoding, writing)
+    pruned_files: int = 0
+    pruned_bytes: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        rate = f" in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)" if self.encoded else ""
+        retried = f", {self.retried_fp32} retried in fp32 after an overflow" if self.retried_fp32 else ""
+        pruned = f", {self.pruned_files} unused entries pruned ({self.pruned_bytes / 1e6:.1f} MB)" if self.pruned_files else ""
+        return f"{self.images} latents: {self.encoded} encoded{rate}, {self.reused} reused from the cache{retried}{pruned}"
 
 
-def image_to_tensor(path: Path, flip: bool) -> torch.Tensor:
-    """A PNG as a [3, H, W] tensor in [-1, 1], the VAE's input range."""
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    tensor = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
-    return tensor.flip(-1) if flip else tensor
+def plan_samples(preprocess_dir: Path, vae_identity: str, flip: bool, dtype: str,
+                 tiles: Callable[[int, int], bool] = lambda w, h: False, workers: int = 1) -> list[Sample]:
+    """One Sample per manifest image (two with flips), keyed by the PNG's content hash and real size."""
+    manifest_path = preprocess_dir / "manifest.csv"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found; run the preprocess stage first")
+    manifest = pd.read_csv(manifest_path, keep_default_na=False, dtype=str)
+    if "output" not in manifest.columns:
+        raise ValueError(f"{manifest_path}: no 'output' column (found {', '.join(manifest.columns)}); rerun the preprocess stage")
+    if manifest.empty:
+        raise ValueError(f"{manifest_path} lists no images; nothing to encode (see skipped.csv beside it)")
+    paths = [preprocess_dir / name for name in manifest["output"]]
 
+    def describe(path: Path) -> tuple[tuple[int, int], str]:
+        size = read_image_size(path)  # first: a missing or broken file gets its clear error here
+        return size, hash_file(path)
 
-@torch.no_grad()
-def encode_batch(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, logvar) of the VAE's latent distribution for a batch of images in [-1, 1]."""
-    distribution = vae.encode(pixels.to(vae.dtype)).latent_dist
-    mean, logvar = distribution.mean.float(), distribution.logvar.float()
-    if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
-        raise FloatingPointError("the VAE produced NaN/inf latents")
-    return mean, logvar
-
-
-def cache_key(image_sha256: str, vae_identity: str, width: int, height: int, flip: bool) -> str:
-    return f"{vae_identity}/{image_sha256[:32]}-{width}x{height}{'-flip' if flip else ''}"
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # hashing releases the GIL
+        facts = list(pool.map(describe, paths))
+    samples = []
+    for name, path, ((width, height), digest) in zip(manifest["output"], paths, facts):
+        for flipped in ([False, True] if flip else [False]):
+            key = EntryKey(digest, vae_identity, width, height, flipped, dtype, tiles(width, height))
+            samples.append(Sample(name, path, key))
+    return samples
 
 
 def cache_latents(
@@ -59,43 +102,85 @@ def cache_latents(
     vae: torch.nn.Module,
     vae_identity: str,
     flip: bool = False,
-    batch_size: int = 4,
-    progress: Callable[[Iterable], Iterable] = lambda items: items,
+    settings: CacheSettings | None = None,
+    progress: Progress | None = None,
 ) -> CacheSummary:
-    """Encode what the store lacks and write out_dir/manifest.csv pointing at every entry training reads."""
-    manifest = pd.read_csv(preprocess_dir / "manifest.csv", keep_default_na=False)
-    jobs = []
-    for record in manifest.itertuples():
-        image_path = preprocess_dir / record.output
-        digest = hash_file(image_path)
-        for flipped in ([False, True] if flip else [False]):
-            key = cache_key(digest, vae_identity, record.out_width, record.out_height, flipped)
-            jobs.append((record.output, image_path, flipped, digest, key, record.out_width, record.out_height))
-    missing = [job for job in jobs if not (store_dir / f"{job[4]}.safetensors").exists()]
-    # same-sized images batch together (buckets give several sizes)
-    missing.sort(key=lambda job: (job[5], job[6]))
-    batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
-    for batch in progress(batches):
-        for size_group in _group_by_size(batch):
-            pixels = torch.stack([image_to_tensor(job[1], job[2]) for job in size_group])
-            mean, logvar = encode_batch(vae, pixels)
-            for job, m, lv in zip(size_group, mean, logvar):
-                target = store_dir / f"{job[4]}.safetensors"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(target) as temp:
-                    save_file({"mean": m.contiguous(), "logvar": lv.contiguous()}, str(temp))
-    rows = []
-    for output, _, flipped, digest, key, width, height in jobs:
-        latent_file = os.path.relpath(store_dir / f"{key}.safetensors", out_dir)
-        rows.append({"image": output, "flip": flipped, "latent_file": latent_file, "width": width, "height": height,
-                     "latent_width": width // 8, "latent_height": height // 8, "image_sha256": digest})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(out_dir / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
-    return CacheSummary(encoded=len(missing), reused=len(jobs) - len(missing))
+    """Encode what the store lacks and write out_dir/manifest.csv listing exactly the current images.
+
+    `progress(samples, total)` wraps the images being encoded (a tqdm bar at the CLI). Raises
+    NonFiniteLatentsError naming the images whose latents stayed NaN/inf; the manifest is then not
+    written, and a rerun encodes only those images.
+    """
+    settings = settings or CacheSettings()
+    manifest_path = Path(out_dir) / "manifest.csv"
+    manifest_path.unlink(missing_ok=True)  # a failed run must not leave a stale list for training
+    device = settings.resolve_device()
+    dtype = settings.resolve_dtype(device)
+    encoder = LatentEncoder(vae, device, dtype, settings.tiling, settings.slicing)
+    store = LatentStore(store_dir)
+    samples = plan_samples(Path(preprocess_dir), vae_identity, flip, dtype, encoder.tiles, workers=torch.get_num_threads())
+
+    missing: dict[EntryKey, Sample] = {}
+    for sample in samples:
+        if sample.key not in missing and not store.holds(sample.key):
+            missing[sample.key] = sample  # identical images share one entry: encode it once
+    reused = sum(sample.key not in missing for sample in samples)
+    log.info("%d latents: %d in the store, %d to encode on %s in %s", len(samples), reused, len(missing), device, dtype)
+    if missing:
+        _describe_vae_folder(store_dir / vae_identity, vae)
+
+    started = time.perf_counter()
+    retried, failed = 0, []
+    for batch in _size_batches(sorted(missing.values(), key=_size_of), settings.batch_size, progress):
+        pixels = torch.stack([image_to_tensor(sample.path, sample.key.flip) for sample in batch])
+        result = encoder.encode(pixels)
+        for index, sample in enumerate(batch):
+            if index in result.failed:
+                failed.append(sample)
+                continue
+            encoded_dtype = "fp32" if index in result.retried else dtype
+            store.write(sample.key, result.mean[index].clone(), result.logvar[index].clone(), encoded_dtype)
+        retried += len(result.retried)
+    seconds = time.perf_counter() - started
+    if failed:
+        names = ", ".join(f"{s.image}{' (mirrored)' if s.key.flip else ''}" for s in failed)
+        raise NonFiniteLatentsError(
+            f"the VAE gave NaN/inf latents for {len(failed)} image(s) even in fp32, so they were not cached: {names}. "
+            f"Check these images in {preprocess_dir} and the model's VAE; the other latents are cached, and a rerun encodes only these"
+        )
+
+    write_csv_atomic(manifest_path, _manifest_table(samples, store, Path(out_dir)))
+    summary = CacheSummary(len(samples), len(missing), reused, retried, seconds)
+    if settings.prune:
+        summary.pruned_files, summary.pruned_bytes = store.prune({store.path(s.key) for s in samples})
+    return summary
 
 
-def _group_by_size(batch: list) -> list[list]:
-    groups: dict[tuple[int, int], list] = {}
-    for job in batch:
-        groups.setdefault((job[5], job[6]), []).append(job)
-    return list(groups.values())
+def _size_of(sample: Sample) -> tuple[int, int]:
+    return sample.key.height, sample.key.width
+
+
+def _size_batches(samples: list[Sample], batch_size: int, progress: Progress | None) -> Iterator[list[Sample]]:
+    """Batches of at most `batch_size` same-sized samples (buckets give several sizes), pulled lazily."""
+    stream = progress(samples, len(samples)) if progress else samples
+    for _, same_size in itertools.groupby(stream, key=_size_of):
+        while batch := list(itertools.islice(same_size, batch_size)):
+            yield batch
+
+
+def _manifest_table(samples: list[Sample], store: LatentStore, out_dir: Path) -> pd.DataFrame:
+    rows = [{
+        "image": s.image, "flip": s.key.flip, "latent_file": os.path.relpath(store.path(s.key), out_dir),
+        "width": s.key.width, "height": s.key.height, "latent_width": s.key.width // 8,
+        "latent_height": s.key.height // 8, "image_sha256": s.key.image_sha256,
+    } for s in samples]
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def _describe_vae_folder(folder: Path, vae: torch.nn.Module) -> None:
+    """vae.json beside the entries: which VAE architecture the folder's latents came from."""
+    about = folder / "vae.json"
+    if about.exists():
+        return
+    config = {k: v for k, v in dict(getattr(vae, "config", {})).items() if not k.startswith("_")}
+    write_text_atomic(about, json.dumps({"class": type(vae).__name__, "config": config}, indent=2, default=str) + "\n")

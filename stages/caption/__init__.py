@@ -1,1 +1,1 @@
-"""caption: one caption per preprocessed image, from sidecars, file names or nothing."""
+"""caption: one caption per preprocessed image, from sidecars, file names or a WD14-style tagger; and `tiflow prompts`."""

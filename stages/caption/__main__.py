@@ -5,15 +5,23 @@ import argparse
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from stages.caption.captions import write_captions
+from stages.caption.settings import CaptionSettings
 from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage, section_from_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stages.caption", description="Write caption/{image}.txt and captions.csv for every preprocessed image.")
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.caption",
+        description="Write caption/{image}.txt, captions.csv and (with the tagger) tags.csv for every preprocessed image.",
+    )
     add_settings_arguments(parser)
     parser.add_argument("--preprocessed", type=Path, help="the preprocess stage's folder (default: {out_dir}/preprocess)")
     parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/caption)")
+    parser.add_argument("--store", type=Path, help="the tagger's persistent score cache (default: {out_dir}/cache/tagger)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the tagger when caption.tagger.threads is 0 (default: all cores)")
     return parser
 
 
@@ -22,15 +30,22 @@ def main(args: argparse.Namespace) -> int:
         section = section_from_json("caption", args.settings)
         if not (args.preprocessed and args.out):
             raise ValueError("--settings needs --preprocessed and --out too")
-        preprocessed, out = args.preprocessed, args.out
+        preprocessed, out, store = args.preprocessed, args.out, args.store
     else:
         config = load_full_config(args)
         section = config["caption"]
-        preprocessed = args.preprocessed or Path(config["out_dir"]) / "preprocess"
-        out = args.out or Path(config["out_dir"]) / "caption"
-    table = write_captions(preprocessed, out, section["method"])
-    empty = int((table.caption == "").sum())
-    print(f"caption: {len(table)} captions written to {out} ({empty} empty)")
+        root = Path(config["out_dir"])
+        preprocessed = args.preprocessed or root / "preprocess"
+        out = args.out or root / "caption"
+        store = args.store or root / "cache" / "tagger"
+    settings = CaptionSettings.from_section(section, source="--settings" if args.settings is not None else "config.yaml")
+    summary = write_captions(preprocessed, out, settings, store, args.threads,
+                             progress=lambda batches: tqdm(batches, desc="caption: tagger", unit="batch"))
+    table = summary.table
+    sources = ", ".join(f"{count} {source}" for source, count in table.source.value_counts().sort_index().items())
+    print(f"caption: {len(table)} captions written to {out} ({sources})")
+    if settings.uses_tagger:
+        print(f"caption: tagger ran on {summary.tagged} image(s), {summary.tags_reused} from cached scores; scores in {out / 'tags.csv'}")
     return 0
 
 

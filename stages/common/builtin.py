@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from stages.common.paths import BUILTIN_PREFIX as PREFIX
-from stages.common.clip_vocab import VOCAB_SIZE, build_clip_tokenizer, write_tokenizer_files
+from stages.common.clip_vocab import EOS_TOKEN, VOCAB_SIZE, build_clip_tokenizer, write_tokenizer_files
 
 
 _SD_SCHEDULER = {
@@ -38,6 +38,7 @@ class BuiltinSpec:
     vae: dict
     text_encoder: dict
     scheduler: dict = field(default_factory=lambda: dict(_SD_SCHEDULER, prediction_type="epsilon"))
+    pad_token: str = EOS_TOKEN  # SD2's OpenCLIP tokenizer pads with "!"
 
 
 def _unet(channels: tuple[int, ...], cross_dim: int, head_dim: int | tuple, sample_size: int, **extra) -> dict:
@@ -72,7 +73,7 @@ def _vae(channels: tuple[int, ...], sample_size: int) -> dict:
     )
 
 
-def _clip_l(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
+def _clip_l(hidden: int, layers: int, heads: int, intermediate: int, hidden_act: str = "quick_gelu") -> dict:
     return dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden,
@@ -80,12 +81,23 @@ def _clip_l(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
         num_hidden_layers=layers,
         num_attention_heads=heads,
         max_position_embeddings=77,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,
         projection_dim=hidden,
         bos_token_id=49406,
         eos_token_id=49407,  # not 2: the legacy argmax pooling breaks with added tokens
         pad_token_id=1,
     )
+
+
+def _openclip_h(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
+    # OpenCLIP ViT-H as diffusers stores SD2's text encoder: a CLIPTextModel with plain gelu,
+    # already cut to the penultimate layer (so the last hidden state is what SD2 conditions on)
+    return _clip_l(hidden, layers, heads, intermediate, hidden_act="gelu")
+
+
+def _sd2_unet(channels: tuple[int, ...], cross_dim: int, head_dims: tuple[int, ...], sample_size: int) -> dict:
+    # SD2 differs from SD1 in the UNet by linear projections in/out of attention and per-level head sizes
+    return _unet(channels, cross_dim, head_dims, sample_size, use_linear_projection=True)
 
 
 BUILTIN_MODELS: dict[str, BuiltinSpec] = {
@@ -105,6 +117,23 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
         vae=_vae((32, 64, 128, 128), sample_size=512),
         text_encoder=_clip_l(hidden=192, layers=4, heads=4, intermediate=768),
     ),
+    "tiny-sd2": BuiltinSpec(
+        family="sd2",
+        description="SD2.x base architecture (OpenCLIP text encoder, linear attention projections) at toy width",
+        unet=_sd2_unet((32, 32, 64, 64), cross_dim=32, head_dims=(2, 2, 4, 4), sample_size=64),
+        vae=_vae((32, 32, 64, 64), sample_size=512),
+        text_encoder=_openclip_h(hidden=32, layers=2, heads=4, intermediate=64),
+        pad_token="!",
+    ),
+    "tiny-sd2-v": BuiltinSpec(
+        family="sd2-v",
+        description="SD2.x 768-v architecture (v-prediction) at toy width",
+        unet=_sd2_unet((32, 32, 64, 64), cross_dim=32, head_dims=(2, 2, 4, 4), sample_size=96),
+        vae=_vae((32, 32, 64, 64), sample_size=768),
+        text_encoder=_openclip_h(hidden=32, layers=2, heads=4, intermediate=64),
+        scheduler=dict(_SD_SCHEDULER, prediction_type="v_prediction"),
+        pad_token="!",
+    ),
     # the real size (860M UNet, 123M text encoder, 84M VAE): GPU benchmarks and real checkpoints
     "sd15": BuiltinSpec(
         family="sd1",
@@ -112,6 +141,16 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
         unet=_unet((320, 640, 1280, 1280), cross_dim=768, head_dim=8, sample_size=64),
         vae=_vae((128, 256, 512, 512), sample_size=512),
         text_encoder=_clip_l(hidden=768, layers=12, heads=12, intermediate=3072),
+    ),
+    # SD 2.1 at full size (865M UNet, 340M OpenCLIP-H text encoder cut to 23 layers)
+    "sd21": BuiltinSpec(
+        family="sd2-v",
+        description="Stable Diffusion 2.1 (768-v) at full size",
+        unet=_sd2_unet((320, 640, 1280, 1280), cross_dim=1024, head_dims=(5, 10, 20, 20), sample_size=96),
+        vae=_vae((128, 256, 512, 512), sample_size=768),
+        text_encoder=_openclip_h(hidden=1024, layers=23, heads=16, intermediate=4096),
+        scheduler=dict(_SD_SCHEDULER, prediction_type="v_prediction"),
+        pad_token="!",
     ),
 }
 
@@ -154,7 +193,7 @@ def build_builtin_components(name: str, seed: int = 0) -> dict:
     finally:
         torch.random.set_rng_state(generator_state)
     return {
-        "tokenizer": build_clip_tokenizer(),
+        "tokenizer": build_clip_tokenizer(pad_token=spec.pad_token),
         "text_encoder": text_encoder.eval(),
         "unet": unet.eval(),
         "vae": vae.eval(),
@@ -179,5 +218,5 @@ def write_builtin_configs(name: str, folder: Path) -> Path:
     (folder / "text_encoder" / "config.json").write_text(json.dumps(text_config, indent=2))
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(spec.scheduler, _class_name="DDPMScheduler"), indent=2))
-    write_tokenizer_files(folder / "tokenizer")
+    write_tokenizer_files(folder / "tokenizer", pad_token=spec.pad_token)
     return folder

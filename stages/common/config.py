@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import jsonschema
@@ -28,7 +29,9 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+@functools.cache
 def load_schema() -> dict:
+    """The parsed schema (read once per process; validation never changes it)."""
     return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
@@ -53,8 +56,9 @@ def validate_config(config: dict, source: str = "config.yaml") -> dict:
         raise ConfigError(f"{source}: the file must hold a mapping of keys (out_dir, model, dataset, ...), found {type(config).__name__}")
     # run entries override train.*; keep them as written so schema defaults don't mask train.*
     runs_as_written = copy.deepcopy(config.get("runs"))
-    validator_class = _with_defaults(jsonschema.validators.validator_for(load_schema()))
-    errors = sorted(validator_class(load_schema()).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    schema = load_schema()
+    validator_class = _with_defaults(jsonschema.validators.validator_for(schema))
+    errors = sorted(validator_class(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         # the deepest error is the most specific (a oneOf/anyOf failure wraps the real reason)
         best = jsonschema.exceptions.best_match(errors)
@@ -95,7 +99,10 @@ def run_settings(config: dict, run: str) -> dict:
     if run not in config["runs"]:
         raise ConfigError(f"runs: no run named {run!r}; runs defined: {', '.join(config['runs'])}")
     settings = dict(config["train"])
-    settings.update(config["runs"][run])
+    for key, value in config["runs"][run].items():
+        nested_default = settings.get(key)
+        # a run's preview: {seed: 3} changes the seed and keeps the other preview defaults
+        settings[key] = {**nested_default, **value} if isinstance(value, dict) and isinstance(nested_default, dict) else value
     settings.setdefault("token", run)
     settings["name"] = run
     return settings

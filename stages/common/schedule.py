@@ -1,6 +1,7 @@
 """Learning-rate schedules: a constant, or AUTOMATIC1111's "rate:step, rate:step, rate" syntax."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -49,3 +50,17 @@ def learning_rate_at(schedule: list[ScheduleStep], step: int, total_steps: int) 
         if step < until:
             return entry.rate
     return schedule[-1].rate  # past the last bound: AUTOMATIC1111 keeps the last rate
+
+
+def schedule_factor(kind: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Multiplier on the base rate: linear warm-up, then constant, cosine or linear decay to zero."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    raise ValueError(f"train.lr_scheduler: unknown schedule {kind!r}; use constant, cosine or linear")

@@ -35,7 +35,8 @@ def model_inputs(config: dict) -> list[str]:
 
 
 def train_params(config: dict, run: str) -> str:
-    return to_json({"model": config["model"], "run": {k: v for k, v in run_settings(config, run).items() if k != "name"}})
+    run_section = {k: v for k, v in run_settings(config, run).items() if k != "name"}
+    return to_json({"model": config["model"], "run": run_section, "size": config["preprocess"]["size"]})
 
 
 def evaluate_params(config: dict, run: str) -> str:

@@ -1,31 +1,18 @@
 """Sample images with a trained embedding, loaded the way users load it (diffusers' own loader)."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from stages.common.models import ModelBundle
+from stages.common.sampling import build_pipeline, sample_image
 
-log = logging.getLogger(__name__)
 
-
-def build_pipeline(bundle: ModelBundle, embedding_file: Path, trigger: str) -> StableDiffusionPipeline:
-    """A txt2img pipeline over the frozen model with the embedding loaded by diffusers' load_textual_inversion."""
-    pipeline = StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=bundle.tokenizer,
-        unet=bundle.unet,
-        scheduler=DDIMScheduler.from_config(bundle.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
+def build_embedding_pipeline(bundle: ModelBundle, embedding_file: Path, trigger: str) -> StableDiffusionPipeline:
+    """A txt2img pipeline with the embedding loaded by diffusers' load_textual_inversion."""
+    pipeline = build_pipeline(bundle)
     pipeline.load_textual_inversion(str(embedding_file), token=trigger)
     return pipeline
 
@@ -39,16 +26,7 @@ def render_samples(
     guidance_scale: float,
 ) -> list[list[Image.Image]]:
     """One image per (prompt, seed): rows are prompts, columns are seeds."""
-    rows = []
-    for prompt in prompts:
-        row = []
-        for seed in seeds:
-            generator = torch.Generator().manual_seed(seed)
-            result = pipeline(prompt, width=size[0], height=size[1], num_inference_steps=steps,
-                              guidance_scale=guidance_scale, generator=generator)
-            row.append(result.images[0])
-        rows.append(row)
-    return rows
+    return [[sample_image(pipeline, seed, size, steps, guidance_scale, prompt=prompt) for seed in seeds] for prompt in prompts]
 
 
 def compose_grid(rows: list[list[Image.Image]], prompts: list[str], seeds: list[int]) -> Image.Image:

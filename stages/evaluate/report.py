@@ -11,7 +11,7 @@ import pandas as pd
 
 from stages.common.files import atomic_path
 from stages.common.models import ModelBundle
-from stages.evaluate.grid import build_pipeline, compose_grid, render_samples
+from stages.evaluate.grid import build_embedding_pipeline, compose_grid, render_samples
 
 
 def plot_loss(loss_csv: Path, target: Path) -> None:
@@ -36,7 +36,7 @@ def evaluate_run(bundle: ModelBundle, train_dir: Path, run: str, trigger: str, s
     if not embedding_file.is_file():
         raise FileNotFoundError(f"{embedding_file} does not exist; run the train stage for {run!r} first")
     prompts = [p.replace("[name]", trigger) for p in section["prompts"]]
-    pipeline = build_pipeline(bundle, embedding_file, trigger)
+    pipeline = build_embedding_pipeline(bundle, embedding_file, trigger)
     rows = render_samples(pipeline, prompts, section["seeds"], size, section["steps"], section["guidance_scale"])
     grid = compose_grid(rows, prompts, section["seeds"])
     out_dir.mkdir(parents=True, exist_ok=True)

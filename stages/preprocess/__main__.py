@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,18 +12,28 @@ from stages.common.stage_cli import add_settings_arguments, load_full_config, ru
 from stages.preprocess.prepare import PreprocessSettings, preprocess_folder, resolve_source
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS has no affinity
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m stages.preprocess",
-        description="Normalise and frame every image of a folder (or builtin:demo); write PNGs, captions, manifest.csv and skipped.csv.",
+        description="Normalise and frame every image of a folder (or builtin:demo); write PNGs, captions, "
+        "manifest.csv, skipped.csv and near_duplicates.csv. Framed images are cached by content and settings, "
+        "so a rerun only processes new or changed images.",
     )
     add_settings_arguments(parser)
     parser.add_argument("--images", help="source folder or builtin:demo (default: dataset.images of the config)")
     parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/preprocess)")
+    parser.add_argument("--cache", type=Path, help="per-image cache that survives reruns (default: {out}/../cache/preprocess)")
+    parser.add_argument("--threads", type=int, default=_usable_cores(), help="worker processes (default: every core this process may use)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        raise ValueError(f"--threads: {args.threads} is not a number of worker processes; give 1 or more")
     if args.settings is not None:
         section = section_from_json("preprocess", args.settings)
         if not (args.images and args.out):
@@ -35,8 +46,11 @@ def main(args: argparse.Namespace) -> int:
         out = args.out or Path(config["out_dir"]) / "preprocess"
     settings = PreprocessSettings.from_section(section)
     source = resolve_source(images, out.parent)
-    summary = preprocess_folder(source, out, settings, progress=lambda items: tqdm(items, desc="preprocess", unit="img"))
-    print(f"preprocess: {summary.kept} kept, {summary.skipped} skipped (see {out / 'skipped.csv'})")
+    summary = preprocess_folder(
+        source, out, settings, cache_dir=args.cache, workers=args.threads,
+        progress=lambda items, total: tqdm(items, total=total, desc="preprocess", unit="img"),
+    )
+    print(f"preprocess: {summary.line()}; see {out / 'skipped.csv'}")
     return 0
 
 

@@ -1,52 +1,64 @@
-"""The preprocess stage's work: every source image → one framed PNG, its caption, a manifest row."""
+"""The preprocess stage's work: every source image → framed PNG(s), its caption, manifest rows.
+
+Sources are processed in parallel worker processes through a cache keyed by (file content,
+settings), so only new or changed images are decoded; this module then collapses duplicates,
+reports near-duplicates, names the outputs and writes manifest.csv, skipped.csv and
+near_duplicates.csv.
+"""
 from __future__ import annotations
 
+import functools
 import logging
-import re
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import pandas as pd
 
 from stages.common.demo_data import DEMO_NAME, write_demo_dataset
-from stages.common.files import atomic_path, hash_file, write_csv_atomic, write_text_atomic
-from stages.preprocess.images import SkipImage, frame_center, frame_none, frame_pad, list_source_files, load_rgb, read_caption
+from stages.common.files import write_csv_atomic
+from stages.preprocess.cache import ImageCache
+from stages.preprocess.duplicates import find_near_duplicates
+from stages.preprocess.outputs import DEBUG_FOLDER, output_names, place_file, remove_stale, write_caption
+from stages.preprocess.process import SourceOutcome, process_source
+from stages.preprocess.settings import PreprocessSettings
+from stages.preprocess.sources import SkipImage, find_caption, list_source_files, read_caption
+
+__all__ = ["PreprocessSettings", "PreprocessSummary", "preprocess_folder", "resolve_source"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["source", "sha256", "output", "caption", "caption_source", "width", "height", "crop_box", "out_width", "out_height"]
-
-
-@dataclass(frozen=True)
-class PreprocessSettings:
-    size: tuple[int, int]
-    mode: str = "center"
-    flip: bool = False
-    background: tuple[int, int, int] = (255, 255, 255)
-    min_side: int = 64  # smaller sources carry too little detail to train on
-
-    @classmethod
-    def from_section(cls, section: dict) -> "PreprocessSettings":
-        size = section["size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if section["mode"] in ("focal", "bucket"):
-            raise ValueError(f"preprocess.mode: {section['mode']!r} is not available in this version; use center, pad or none")
-        return cls(size=size, mode=section["mode"], flip=section["flip"])
+MANIFEST_COLUMNS = [
+    "source", "sha256", "output", "part", "caption", "caption_source", "width", "height",
+    "crop_box", "bucket", "out_width", "out_height", "flip", "duplicates",
+]
+Progress = Callable[[Iterable, int], Iterable]
 
 
 @dataclass
 class PreprocessSummary:
-    kept: int
-    skipped: int
+    kept: int  # source images with outputs
+    images: int  # training images written (a split source gives several)
+    skipped: int  # files listed in skipped.csv, duplicates included
+    duplicates: int  # exact duplicates collapsed into an earlier image
+    near_duplicates: int  # pairs listed in near_duplicates.csv
+    processed: int  # sources decoded and framed in this run
+    reused: int  # sources whose framed images came from the cache
+    ignored: int = 0  # stray files that are not images (notes, documents)
+
+    def line(self) -> str:
+        split = f" as {self.images} images" if self.images != self.kept else ""
+        return (f"{self.kept} kept{split}, {self.skipped - self.duplicates} skipped, {self.duplicates} duplicates, "
+                f"{self.near_duplicates} near-duplicate pairs ({self.processed} processed, {self.reused} from cache)")
 
 
-def _output_stem(source: Path, digest: str, taken: set[str]) -> str:
-    stem = re.sub(r"[^\w.-]+", "_", source.stem, flags=re.ASCII).strip("._") or "image"
-    if stem in taken:  # same name in two subfolders, or a name reduced to the same ASCII
-        stem = f"{stem}-{digest[:8]}"
-    taken.add(stem)
-    return stem
+@dataclass
+class _Kept:
+    outcome: SourceOutcome
+    caption: str | None
+    caption_file: Path | None
+    duplicates: list[Path] = field(default_factory=list)
 
 
 def resolve_source(images: str, out_dir: Path) -> Path:
@@ -58,71 +70,127 @@ def resolve_source(images: str, out_dir: Path) -> Path:
     return Path(images)
 
 
-def frame_image(image, settings: PreprocessSettings):
-    if settings.mode == "center":
-        return frame_center(image, settings.size)
-    if settings.mode == "pad":
-        return frame_pad(image, settings.size, settings.background)
-    return frame_none(image)
+def run_workers(paths: list[Path], settings: PreprocessSettings, cache_dir: Path, workers: int) -> Iterator[SourceOutcome]:
+    """process_source over `paths` in order, on `workers` processes (in this process when 1)."""
+    job = functools.partial(process_source, settings=settings, cache_root=cache_dir)
+    if workers <= 1 or len(paths) <= 1:
+        yield from map(job, paths)
+        return
+    workers = min(workers, len(paths))
+    chunk = max(1, min(16, len(paths) // (workers * 8)))  # cache hits are quick; batch them to save round trips
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(job, paths, chunksize=chunk)
 
 
 def preprocess_folder(
     source: Path,
     out_dir: Path,
     settings: PreprocessSettings,
-    progress: Callable[[Iterable], Iterable] = lambda items: items,
+    cache_dir: Path | None = None,
+    workers: int = 1,
+    progress: Progress = lambda items, total: items,
 ) -> PreprocessSummary:
-    """Frame every image of `source` into `out_dir`; write manifest.csv and skipped.csv there."""
-    images, others = list_source_files(source)
+    """Frame every image of `source` into `out_dir`; write manifest.csv, skipped.csv and near_duplicates.csv there.
+
+    `cache_dir` (default: {out_dir}/../cache/preprocess) holds the framed images between runs.
+    Raises ValueError, after writing skipped.csv, when no image is usable.
+    """
+    paths = list_source_files(source, settings.recursive, settings.caption_extension)
+    cache_dir = cache_dir if cache_dir is not None else out_dir.parent / "cache" / "preprocess"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, skipped, taken = [], [], set()
-    seen_hashes: dict[str, str] = {}
-    for path in progress(images):
-        try:
-            digest = hash_file(path)
-            if digest in seen_hashes:
-                raise SkipImage(f"same file content as {seen_hashes[digest]}")
-            image = load_rgb(path, settings.background)
-            if min(image.size) < settings.min_side:
-                raise SkipImage(f"too small ({image.width}x{image.height}, minimum side {settings.min_side})")
-            caption = read_caption(path.with_suffix(".txt"))
-        except SkipImage as reason:
-            log.warning("skipped %s: %s", path, reason)
-            skipped.append({"file": str(path), "reason": str(reason)})
-            continue
-        seen_hashes[digest] = path.name
-        framed, box = frame_image(image, settings)
-        stem = _output_stem(path, digest, taken)
-        with atomic_path(out_dir / f"{stem}.png") as temp:
-            framed.save(temp, format="PNG")
-        if caption is not None:
-            write_text_atomic(out_dir / f"{stem}.txt", caption)
-        rows.append(
-            {
-                "source": str(path),
-                "sha256": digest,
-                "output": f"{stem}.png",
-                "caption": f"{stem}.txt" if caption is not None else "",
-                "caption_source": "sidecar" if caption is not None else "",
-                "width": image.width,
-                "height": image.height,
-                "crop_box": " ".join(map(str, box)),
-                "out_width": framed.width,
-                "out_height": framed.height,
-            }
-        )
-    for path in others:
-        skipped.append({"file": str(path), "reason": f"not an image file ({path.suffix or 'no extension'})"})
-    _remove_stale(out_dir, {row["output"] for row in rows} | {row["caption"] for row in rows if row["caption"]})
+    outcomes = list(progress(run_workers(paths, settings, cache_dir, workers), len(paths)))
+    kept, skipped, duplicates = _select(outcomes, settings)
+    near = find_near_duplicates({str(k.outcome.path): k.outcome.record.dhash for k in kept}, settings.near_duplicate_distance)
+    for pair in near[:20]:
+        log.warning("near-duplicates (%d of 64 hash bits differ): %s and %s", pair.distance, pair.first, pair.second)
+    if len(near) > 20:
+        log.warning("%d more near-duplicate pairs are listed in %s", len(near) - 20, out_dir / "near_duplicates.csv")
+    rows, written = _write_outputs(kept, source, out_dir, ImageCache(cache_dir, settings.cache_key()), settings)
+    remove_stale(out_dir, written)
     write_csv_atomic(out_dir / "skipped.csv", pd.DataFrame(skipped, columns=["file", "reason"]))
+    write_csv_atomic(out_dir / "near_duplicates.csv", pd.DataFrame([vars(p) for p in near], columns=["first", "second", "distance"]))
+    ignored = sum(o.record.status == "ignored" for o in outcomes)
     if not rows:
-        raise ValueError(f"dataset.images: no usable image in {source} ({len(skipped)} skipped, see {out_dir / 'skipped.csv'})")
+        raise ValueError(
+            f"dataset.images: no usable image in {source}: {len(skipped)} files skipped (reasons in {out_dir / 'skipped.csv'})"
+            f"{f', {ignored} ignored as not images' if ignored else ''}; add JPEG/PNG/WebP images or fix the skipped ones"
+        )
     write_csv_atomic(out_dir / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
-    return PreprocessSummary(kept=len(rows), skipped=len(skipped))
+    processed = sum(not o.reused and o.record.status != "ignored" and o.content_sha256 != "" for o in outcomes)
+    return PreprocessSummary(kept=len(kept), images=len(rows), skipped=len(skipped), duplicates=duplicates,
+                             near_duplicates=len(near), processed=processed, reused=sum(o.reused for o in outcomes), ignored=ignored)
 
 
-def _remove_stale(out_dir: Path, keep: set[str]) -> None:
-    """Drop images and captions of an earlier run whose source is gone, so nothing stale is trained on."""
-    for path in out_dir.iterdir():
-        if path.suffix in (".png", ".txt") and path.name not in keep:
-            path.unlink()
+def _select(outcomes: list[SourceOutcome], settings: PreprocessSettings) -> tuple[list[_Kept], list[dict], int]:
+    """The usable sources (first of each set of duplicates, in path order), the skip rows, the duplicate count."""
+    kept: list[_Kept] = []
+    skipped: list[dict] = []
+    first_with: dict[str, _Kept] = {}  # content or pixel digest → the source kept for it
+    duplicates = 0
+    for outcome in outcomes:
+        record, path = outcome.record, outcome.path
+        if record.status == "ignored":
+            log.debug("ignored %s: %s", path, record.reason)
+            continue
+        if record.status == "skipped":
+            log.warning("skipped %s: %s", path, record.reason)
+            skipped.append({"file": str(path), "reason": record.reason})
+            continue
+        original = first_with.get(outcome.content_sha256) or first_with.get(record.pixel_sha256)
+        if original is not None:
+            same = "file content" if original.outcome.content_sha256 == outcome.content_sha256 else "pixels"
+            reason = f"duplicate: same {same} as {original.outcome.path}; collapsed into it"
+            log.info("%s is a %s", path, reason)
+            skipped.append({"file": str(path), "reason": reason})
+            original.duplicates.append(path)
+            duplicates += 1
+            continue
+        try:
+            caption_file = find_caption(path, settings.caption_extension)
+            caption = read_caption(caption_file) if caption_file is not None else None
+        except (SkipImage, OSError) as problem:
+            reason = f"caption unreadable: {problem}" if isinstance(problem, OSError) else str(problem)
+            log.warning("skipped %s: %s", path, reason)
+            skipped.append({"file": str(path), "reason": reason})
+            continue
+        entry = _Kept(outcome, caption, caption_file)
+        kept.append(entry)
+        first_with[outcome.content_sha256] = first_with[record.pixel_sha256] = entry
+    return kept, skipped, duplicates
+
+
+def _write_outputs(kept: list[_Kept], root: Path, out_dir: Path, cache: ImageCache, settings: PreprocessSettings) -> tuple[list[dict], set[str]]:
+    """Place each kept source's images and caption in `out_dir`: (one manifest row per image, every file written)."""
+    rows, taken, written = [], set(), set()
+    for entry in kept:
+        outcome, record = entry.outcome, entry.outcome.record
+        digest = outcome.content_sha256
+        stem, outputs = output_names(outcome.path, root, digest, len(record.parts), taken)
+        caption_name = f"{stem}.txt" if entry.caption is not None else ""
+        if caption_name:
+            write_caption(out_dir / caption_name, entry.caption)
+            written.add(caption_name)
+        if record.debug_file:
+            place_file(cache.file_path(digest, record.debug_file), out_dir / DEBUG_FOLDER / f"{stem}.jpg")
+            written.add(f"{DEBUG_FOLDER}/{stem}.jpg")
+        caption_source = entry.caption_file.relative_to(root) if entry.caption_file and entry.caption_file.is_relative_to(root) else entry.caption_file
+        for index, (output, part) in enumerate(zip(outputs, record.parts), start=1):
+            place_file(cache.file_path(digest, part.file), out_dir / output)
+            written.add(output)
+            rows.append({
+                "source": str(outcome.path),
+                "sha256": digest,
+                "output": output,
+                "part": index if len(outputs) > 1 else 0,
+                "caption": caption_name,
+                "caption_source": str(caption_source or ""),
+                "width": record.width,
+                "height": record.height,
+                "crop_box": " ".join(f"{v:g}" for v in part.crop_box),
+                "bucket": part.bucket,
+                "out_width": part.out_width,
+                "out_height": part.out_height,
+                "flip": settings.flip,
+                "duplicates": "; ".join(str(p) for p in entry.duplicates),
+            })
+    return rows, written

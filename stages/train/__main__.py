@@ -15,43 +15,78 @@ from stages.common.stage_cli import add_settings_arguments, load_full_config, ru
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m stages.train",
-        description="Train a Textual Inversion embedding from cached latents and captions; write {run}.safetensors, {run}.pt, steps/ and loss.csv.",
+        description="Train a Textual Inversion embedding from cached latents and captions; write {run}.safetensors, "
+        "{run}.pt, steps/ and loss.csv. Ctrl-C or SIGTERM saves everything; running again resumes.",
     )
     add_settings_arguments(parser)
     parser.add_argument("--run", required=True, help="the run (embedding name) in runs: to train")
     parser.add_argument("--latents", type=Path, help="the cache_latents folder (default: {out_dir}/latents)")
     parser.add_argument("--captions", type=Path, help="the caption folder (default: {out_dir}/caption)")
     parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/train/{run})")
+    parser.add_argument("--state-dir", type=Path, help="resume store for this run (default: {out_dir}/cache/train/{run})")
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
+def _settings_from_args(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """(run settings, model section, paths) from --settings JSON (Snakemake) or config.yaml (by hand)."""
     if args.settings is not None:
-        # Snakemake passes {"model": ..., "run": <train.* merged with runs.<run>>}
-        section = json.loads(args.settings)
+        section = json.loads(args.settings)  # {"model": ..., "run": train.* merged with runs.<run>, "size": ...}
         config = validate_config({"model": section.get("model", {}), "train": section.get("run", {})}, source="--settings")
-        settings, model = dict(config["train"], name=args.run), config["model"]
+        settings = dict(config["train"], name=args.run)
         settings.setdefault("token", args.run)
-        if not (args.latents and args.captions and args.out):
-            raise ValueError("--settings needs --latents, --captions and --out too")
-        latents, captions, out = args.latents, args.captions, args.out
-    else:
-        config = load_full_config(args)
-        settings, model = run_settings(config, args.run), config["model"]
-        root = Path(config["out_dir"])
-        latents, captions = args.latents or root / "latents", args.captions or root / "caption"
-        out = args.out or root / "train" / args.run
+        if not (args.latents and args.captions and args.out and args.state_dir):
+            raise ValueError("--settings needs --latents, --captions, --out and --state-dir too")
+        size = section.get("size", 512)
+        paths = {"latents": args.latents, "captions": args.captions, "out": args.out, "state": args.state_dir}
+        return settings, config["model"], dict(paths, size=size)
+    config = load_full_config(args)
+    root = Path(config["out_dir"])
+    paths = {
+        "latents": args.latents or root / "latents",
+        "captions": args.captions or root / "caption",
+        "out": args.out or root / "train" / args.run,
+        "state": args.state_dir or root / "cache" / "train" / args.run,
+        "size": config["preprocess"]["size"],
+    }
+    return run_settings(config, args.run), config["model"], paths
+
+
+def main(args: argparse.Namespace) -> int:
+    settings, model_section, paths = _settings_from_args(args)
     from stages.common.models import load_model
     from stages.train.dataset import load_examples
-    from stages.train.trainer import TrainSettings, train_embedding
+    from stages.train.interrupt import TrainingInterrupted
+    from stages.train.outputs import RunOutputs
+    from stages.train.preview import make_previewer
+    from stages.train.progress import ProgressReporter
+    from stages.train.resume import resume_key
+    from stages.train.start import starting_point
+    from stages.train.trainer import NonFiniteLoss, TrainSettings, train_embedding
 
-    train_settings = TrainSettings.from_section(settings, clip_skip=model["clip_skip"])
-    bundle = load_model(model["path"], model["family"])
-    examples = load_examples(latents, captions)
-    result = train_embedding(bundle, examples, train_settings, out,
-                             progress=lambda steps: tqdm(steps, desc=f"train {args.run}", unit="step"))
-    print(f"train: {args.run} done after {len(result.losses)} steps; loss on fixed noise {result.probe_loss_start:.4f} → "
-          f"{result.probe_loss_end:.4f}; wrote {out / (args.run + '.safetensors')}")
+    train_settings = TrainSettings.from_section(settings, clip_skip=model_section["clip_skip"])
+    bundle = load_model(model_section["path"], model_section["family"])
+    examples = load_examples(paths["latents"], paths["captions"])
+    start_vectors, start_step = starting_point(train_settings, bundle)
+    state_dir = paths["state"] / resume_key(settings, bundle.identity, paths["latents"] / "manifest.csv", paths["captions"] / "captions.csv")
+    size = paths["size"] if isinstance(paths["size"], list) else [paths["size"]] * 2
+    previewer = make_previewer(bundle, train_settings.preview, train_settings.token, tuple(size), RunOutputs(paths["out"], args.run)) \
+        if train_settings.preview_every else None
+    reporter = ProgressReporter(tqdm(total=train_settings.steps, desc=f"train {args.run}", unit="step"),
+                                paths["out"] / "tensorboard" if train_settings.tensorboard else None)
+    try:
+        result = train_embedding(bundle, examples, train_settings, paths["out"], state_dir, start_vectors, start_step, reporter, previewer)
+    except TrainingInterrupted as stopped:
+        reporter.close()
+        print(f"train: {args.run} {stopped}", file=sys.stderr)
+        return 143 if stopped.signal_name == "SIGTERM" else 130
+    except NonFiniteLoss as error:
+        reporter.close()
+        print(f"train: {args.run}: {error}", file=sys.stderr)
+        return 1
+    reporter.close()
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    print(f"train: {args.run} done after {train_settings.steps} steps{resumed}; loss on fixed noise {result.probe_loss_start:.4f} → "
+          f"{result.probe_loss_end:.4f}; wrote {paths['out'] / (args.run + '.safetensors')}")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Training examples: cached latent distributions paired with their captions."""
+"""Training examples: cached latent distributions paired with their captions, and their order."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def load_examples(latents_dir: Path, captions_dir: Path) -> list[LatentExample]:
     for record in manifest.itertuples():
         if record.image not in caption_of:
             raise ValueError(f"{captions_dir / 'captions.csv'} has no caption for {record.image}; rerun the caption stage")
-        tensors = load_file(str(latents_dir / record.latent_file))
+        latent_path = latents_dir / record.latent_file
+        if not latent_path.is_file():
+            raise FileNotFoundError(f"{latent_path} (listed in {latents_dir / 'manifest.csv'}) is missing; rerun cache_latents")
+        tensors = load_file(str(latent_path))
         examples.append(LatentExample(record.image, tensors["mean"], tensors["logvar"], str(caption_of[record.image])))
     if not examples:
         raise ValueError(f"{latents_dir / 'manifest.csv'} lists no latents; nothing to train on")
@@ -41,3 +45,29 @@ def sample_latent(example: LatentExample, method: str, generator: torch.Generato
         return fixed
     eps = torch.randn(example.mean.shape, generator=generator)  # eps ~ N(0, I)
     return example.mean + torch.exp(0.5 * example.logvar) * eps  # z = mu + sigma * eps
+
+
+class ExampleOrder:
+    """Shuffled passes over the examples, each image `repeats` times per pass; resumable mid-pass."""
+
+    def __init__(self, count: int, repeats: int, seed: int):
+        self.count, self.repeats = count, repeats
+        self.rng = random.Random(seed)
+        self.pending: list[int] = []
+
+    def take(self, n: int) -> list[int]:
+        taken = []
+        for _ in range(n):
+            if not self.pending:
+                self.pending = [i for i in range(self.count) for _ in range(self.repeats)]
+                self.rng.shuffle(self.pending)
+            taken.append(self.pending.pop())
+        return taken
+
+    def state_dict(self) -> dict:
+        return {"pending": list(self.pending), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.pending = list(state["pending"])

@@ -1,21 +1,19 @@
 """The Textual Inversion training loop, the same for every model family."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from stages.common.embedding import Embedding, save_embedding_files
-from stages.common.files import write_csv_atomic
+from stages.common.embedding import Embedding
 from stages.common.models import ModelBundle
-from stages.common.schedule import learning_rate_at, parse_learning_rate
 from stages.common.tokens import (
     add_placeholder_tokens,
     encode_prompt_ids,
@@ -24,8 +22,12 @@ from stages.common.tokens import (
     install_trainable_embedding,
     tokenize_prompts,
 )
-from stages.train.dataset import LatentExample, sample_latent
-from stages.train.prompts import build_prompt, load_template
+from stages.train.dataset import ExampleOrder, LatentExample, sample_latent
+from stages.train.interrupt import TrainingInterrupted, stop_on_signals
+from stages.train.optim import LearningRate, build_optimizer
+from stages.train.outputs import RunOutputs
+from stages.common.prompts import augment_caption, build_prompt, load_template
+from stages.train.resume import ResumeStore
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +37,40 @@ class TrainSettings:
     name: str
     token: str
     init_text: str = "*"
+    init_from: str | None = None
     vectors: int = 1
     template: str = "captions"
     learning_rate: float | str = 0.005
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
     steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
+    repeats: int = 1
     save_every: int = 500
     seed: int = 0
     latent_sampling: str = "deterministic"
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    caption_dropout: float = 0.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    max_nan_steps: int = 10
+    preview_every: int = 0
+    preview: dict = field(default_factory=dict)
+    tensorboard: bool = False
     clip_skip: int = 1
 
     @classmethod
     def from_section(cls, section: dict, clip_skip: int = 1) -> "TrainSettings":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in section.items() if k in known}, clip_skip=clip_skip)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in section.items() if k in known and k != "clip_skip"}, clip_skip=clip_skip)
 
 
 @dataclass
@@ -59,16 +80,32 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     probe_loss_start: float = float("nan")  # loss on fixed noise and timesteps, before the first step
     probe_loss_end: float = float("nan")  # the same after the last step: comparable, unlike step losses
+    resumed_from: int = 0
+    skipped_steps: int = 0
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many steps gave NaN/inf: the run stops rather than save a broken embedding."""
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 class TextualInversion:
     """The frozen model plus the embedding's trainable vectors, and the loss that trains them."""
 
-    def __init__(self, bundle: ModelBundle, settings: TrainSettings):
+    def __init__(self, bundle: ModelBundle, settings: TrainSettings, start_vectors: torch.Tensor | None = None):
         self.bundle, self.settings = bundle, settings
         self.token_ids = add_placeholder_tokens(bundle.tokenizer, settings.token, settings.vectors)
         base_weight = bundle.text_encoder.get_input_embeddings().weight
-        self.initial = initial_vectors(bundle.tokenizer, base_weight, settings.init_text, settings.vectors)
+        self.initial = start_vectors if start_vectors is not None else initial_vectors(bundle.tokenizer, base_weight, settings.init_text, settings.vectors)
         self.embedding = install_trainable_embedding(bundle.text_encoder, self.initial)
         self._ids_cache: dict[str, torch.Tensor] = {}
 
@@ -83,19 +120,22 @@ class TextualInversion:
                 expanded = expand_trigger(prompt, self.settings.token, self.settings.vectors)
                 self._ids_cache[prompt] = tokenize_prompts(self.bundle.tokenizer, [expanded], self.bundle.family.pad_with_eos)[0]
             rows.append(self._ids_cache[prompt])
-        return torch.stack(rows)
+        return torch.stack(rows).to(self.vectors.device)
+
+    def context(self, prompts: list[str]) -> torch.Tensor:
+        return encode_prompt_ids(self.bundle.text_encoder, self.prompt_ids(prompts), self.settings.clip_skip, self.bundle.family.penultimate_layer)
 
     def loss(self, latents: torch.Tensor, prompts: list[str], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Denoising loss for a batch: add noise → predict it from the prompt → mean squared error."""
         scheduler = self.bundle.scheduler
         latents = latents * self.bundle.family.vae_scaling_factor  # the UNet works on scaled latents
         noisy = scheduler.add_noise(latents, noise, timesteps)  # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
-        context = encode_prompt_ids(self.bundle.text_encoder, self.prompt_ids(prompts), self.settings.clip_skip, self.bundle.family.penultimate_layer)
-        prediction = self.bundle.unet(noisy, timesteps, context).sample
+        unet = self.bundle.unet
+        prediction = unet(noisy.to(unet.dtype), timesteps, self.context(prompts).to(unet.dtype)).sample
         if self.bundle.family.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)  # v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
         else:
-            target = noise
+            target = noise  # eps-prediction
         return F.mse_loss(prediction.float(), target.float())
 
     def current_embedding(self, step: int) -> Embedding:
@@ -103,6 +143,23 @@ class TextualInversion:
             self.settings.name, self.bundle.family, [self.vectors.detach()],
             step=step, checkpoint_hash=self.bundle.identity, checkpoint_name=self.bundle.display_name,
         )
+
+
+def prepare_modules(bundle: ModelBundle, settings: TrainSettings, device: torch.device) -> torch.dtype:
+    """Move the frozen modules to the device in the chosen precision and apply the speed options."""
+    dtype = resolve_precision(settings.precision, device)
+    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+        module.to(device)
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+    if settings.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+        bundle.unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout at train time in SD
+    if settings.channels_last:
+        bundle.unet.to(memory_format=torch.channels_last)
+    if settings.compile:
+        bundle.unet = torch.compile(bundle.unet)
+    return dtype
 
 
 def fixed_probe(examples: list[LatentExample], count: int, seed: int, num_timesteps: int):
@@ -117,10 +174,153 @@ def fixed_probe(examples: list[LatentExample], count: int, seed: int, num_timest
 @torch.no_grad()
 def probe_loss(model: TextualInversion, examples: list[LatentExample], probe, prompts: list[str]) -> float:
     picks, noise, timesteps = probe
+    device = model.vectors.device
     total = 0.0
     for index, i in enumerate(picks):
-        total += model.loss(examples[i].mean[None], [prompts[i]], noise[index][None], timesteps[index : index + 1]).item()
+        latents = examples[i].mean[None].to(device)
+        total += model.loss(latents, [prompts[i]], noise[index][None].to(device), timesteps[index : index + 1].to(device)).item()
     return total / len(picks)
+
+
+class Trainer:
+    """One run: its random streams, optimizer and counters, all restorable from the resume store."""
+
+    def __init__(self, bundle: ModelBundle, examples: list[LatentExample], settings: TrainSettings, outputs: RunOutputs,
+                 store: ResumeStore, start_vectors: torch.Tensor | None = None, start_step: int = 0):
+        self.bundle, self.examples, self.settings, self.outputs, self.store = bundle, examples, settings, outputs, store
+        self.device = pick_device()
+        self.model = TextualInversion(bundle, settings, start_vectors)
+        self.dtype = prepare_modules(bundle, settings, self.device)
+        # the frozen encoder may now be fp16/bf16; the trained vectors stay fp32, the master copy
+        self.model.vectors.data = self.model.vectors.data.to(device=self.device, dtype=torch.float32)
+        self.optimizer = build_optimizer([self.model.vectors], settings.optimizer, settings.weight_decay, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.rate = LearningRate(settings.learning_rate, settings.lr_scheduler, settings.lr_warmup_steps, settings.steps)
+        self.template = load_template(settings.template)
+        self.order = ExampleOrder(len(examples), settings.repeats, settings.seed)
+        self.generator = torch.Generator().manual_seed(settings.seed)  # noise and timesteps
+        self.caption_rng = random.Random(settings.seed + 1)  # templates and caption augmentation
+        once = torch.Generator().manual_seed(settings.seed + 2)
+        self.once_latents = [sample_latent(e, "random", once) for e in examples] if settings.latent_sampling == "once" else None
+        self.step, self.base_step, self.skipped, self.log_rows = 0, start_step, 0, []
+        self.probe = fixed_probe(examples, min(16, 2 * len(examples)), settings.seed + 3, bundle.scheduler.config.num_train_timesteps)
+        self.probe_prompts = [build_prompt(self.template[0] if self.template else None, e.caption, settings.token) for e in examples]
+        self.probe_start = float("nan")
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "base_step": self.base_step, "skipped": self.skipped, "vectors": self.model.vectors.detach().cpu(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "order": self.order.state_dict(),
+            "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate(),
+            "log_rows": self.log_rows, "probe_start": self.probe_start, "settings": asdict(self.settings),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.model.vectors.copy_(state["vectors"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.order.load_state_dict(state["order"])
+        self.generator.set_state(state["generator"])
+        self.caption_rng.setstate(_as_random_state(state["caption_rng"]))
+        self.step, self.base_step, self.skipped = state["step"], state["base_step"], state["skipped"]
+        self.log_rows, self.probe_start = list(state["log_rows"]), state["probe_start"]
+
+    def save_checkpoint(self) -> None:
+        """Snapshot embedding under steps/ and the full state in the resume store."""
+        self.outputs.save_snapshot(self.model.current_embedding(self.base_step + self.step), self.step)
+        self.outputs.write_loss_log(self.log_rows)
+        self.store.save(self.state_dict())
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, list[str]]:
+        indices = self.order.take(self.settings.batch_size)
+        latents = torch.stack([
+            sample_latent(self.examples[i], self.settings.latent_sampling, self.generator, self.once_latents[i] if self.once_latents else None)
+            for i in indices
+        ])
+        prompts = []
+        for i in indices:
+            s = self.settings
+            caption = augment_caption(self.examples[i].caption, self.caption_rng, s.shuffle_tags, s.keep_tokens, s.tag_dropout, s.caption_dropout)
+            line = self.caption_rng.choice(self.template) if self.template else None
+            prompts.append(build_prompt(line, caption, s.token))
+        return latents, prompts
+
+    def train_step(self) -> float:
+        """Accumulate gradients over grad_accum batches, then one optimizer step. Returns the loss (NaN if skipped)."""
+        lr = self.rate.at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
+        step_loss = 0.0
+        for _ in range(self.settings.grad_accum):
+            latents, prompts = self._batch()
+            noise = torch.randn(latents.shape, generator=self.generator)  # eps ~ N(0, I)
+            timesteps = torch.randint(0, self.bundle.scheduler.config.num_train_timesteps, (len(prompts),), generator=self.generator)
+            with autocast:
+                loss = self.model.loss(latents.to(self.device), prompts, noise.to(self.device), timesteps.to(self.device))
+            self.scaler.scale(loss / self.settings.grad_accum).backward()
+            step_loss += loss.item() / self.settings.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        grad = self.model.vectors.grad
+        if not math.isfinite(step_loss) or (grad is not None and not torch.isfinite(grad).all() and not self.scaler.is_enabled()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
+        if self.settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([self.model.vectors], self.settings.max_grad_norm)
+        self.scaler.step(self.optimizer)  # with fp16 loss scaling, an overflowed step is skipped here
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, reporter=None, preview=None) -> TrainResult:
+        s = self.settings
+        if math.isnan(self.probe_start):
+            self.probe_start = probe_loss(self.model, self.examples, self.probe, self.probe_prompts)
+        resumed_from = self.step
+        started, steps_timed = time.perf_counter(), 0
+        with stop_on_signals() as stop:
+            while self.step < s.steps:
+                loss = self.train_step()
+                if math.isnan(loss):
+                    self.skipped += 1
+                    log.warning("step %d: loss or gradient is NaN/inf; step skipped, vectors unchanged (%d/%d)",
+                                self.step + 1, self.skipped, s.max_nan_steps)
+                    if self.skipped >= s.max_nan_steps:
+                        raise NonFiniteLoss(
+                            f"{self.skipped} steps gave NaN/inf loss; stopping without saving. Lower train.learning_rate, "
+                            "use precision fp32/bf16, or check the latent cache for a broken image")
+                self.step += 1
+                steps_timed += 1
+                speed = steps_timed * s.batch_size * s.grad_accum / (time.perf_counter() - started)
+                lr = self.rate.at(self.step - 1)
+                self.log_rows.append({"step": self.base_step + self.step, "loss": loss, "lr": lr, "images_per_s": speed})
+                if reporter:
+                    reporter(self.step, loss, lr, speed)
+                if preview and s.preview_every and self.step % s.preview_every == 0:
+                    preview(self.model, self.base_step + self.step)
+                if stop.requested:
+                    self.save_checkpoint()
+                    raise TrainingInterrupted(self.base_step + self.step, stop.signal_name)
+                if s.save_every and self.step % s.save_every == 0 and self.step < s.steps:
+                    self.save_checkpoint()
+        final = self.model.current_embedding(self.base_step + s.steps)
+        self.outputs.save_final(final, self.log_rows)
+        self.store.save(self.state_dict())  # a deleted output can be rewritten from here without training
+        return TrainResult(
+            embedding=final, initial_vectors=self.model.initial, losses=[row["loss"] for row in self.log_rows],
+            probe_loss_start=self.probe_start, probe_loss_end=probe_loss(self.model, self.examples, self.probe, self.probe_prompts),
+            resumed_from=resumed_from, skipped_steps=self.skipped,
+        )
+
+
+def _as_random_state(state) -> tuple:
+    """random.setstate wants tuples; a saved state may come back with lists."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
 
 
 def train_embedding(
@@ -128,60 +328,19 @@ def train_embedding(
     examples: list[LatentExample],
     settings: TrainSettings,
     out_dir: Path,
-    progress: Callable[[range], range] = lambda steps: steps,
+    state_dir: Path | None = None,
+    start_vectors: torch.Tensor | None = None,
+    start_step: int = 0,
+    reporter=None,
+    preview=None,
 ) -> TrainResult:
-    """Train one embedding and write {name}.safetensors/.pt, steps/ snapshots and loss.csv to `out_dir`."""
-    torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
-    model = TextualInversion(bundle, settings)
-    template = load_template(settings.template)
-    schedule = parse_learning_rate(settings.learning_rate)
-    optimizer = torch.optim.AdamW([model.vectors], lr=schedule[0].rate, weight_decay=0.0)
-    num_timesteps = bundle.scheduler.config.num_train_timesteps
-    once_latents = [sample_latent(e, "random", generator) for e in examples] if settings.latent_sampling == "once" else None
-
-    probe = fixed_probe(examples, count=min(16, 2 * len(examples)), seed=settings.seed + 1, num_timesteps=num_timesteps)
-    probe_prompts = [build_prompt(template[0] if template else None, e.caption, settings.token) for e in examples]
-    probe_start = probe_loss(model, examples, probe, probe_prompts)
-
-    order: list[int] = []
-    log_rows = []
-    started = time.perf_counter()
-    for step in progress(range(settings.steps)):
-        lr = learning_rate_at(schedule, step, settings.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for _ in range(settings.grad_accum):
-            batch = []
-            for _ in range(settings.batch_size):
-                if not order:  # a fresh shuffled pass over the data
-                    order = list(range(len(examples)))
-                    rng.shuffle(order)
-                batch.append(order.pop())
-            latents = torch.stack([
-                sample_latent(examples[i], settings.latent_sampling, generator, once_latents[i] if once_latents else None) for i in batch
-            ])
-            prompts = [build_prompt(rng.choice(template) if template else None, examples[i].caption, settings.token) for i in batch]
-            noise = torch.randn(latents.shape, generator=generator)  # eps ~ N(0, I)
-            timesteps = torch.randint(0, num_timesteps, (len(batch),), generator=generator)  # t ~ U{0..T-1}
-            loss = model.loss(latents, prompts, noise, timesteps) / settings.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-        if not torch.isfinite(torch.tensor(step_loss)):
-            optimizer.zero_grad(set_to_none=True)
-            log.warning("step %d: loss is %s; step skipped, vectors unchanged", step + 1, step_loss)
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        log_rows.append({"step": step + 1, "loss": step_loss, "lr": lr,
-                         "images_per_s": (step + 1) * settings.batch_size * settings.grad_accum / elapsed})
-        if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
-            save_embedding_files(model.current_embedding(step + 1), out_dir / "steps", f"{settings.name}-{step + 1}")
-    final = model.current_embedding(settings.steps)
-    save_embedding_files(final, out_dir, settings.name)
-    write_csv_atomic(out_dir / "loss.csv", pd.DataFrame(log_rows, columns=["step", "loss", "lr", "images_per_s"]))
-    return TrainResult(embedding=final, initial_vectors=model.initial, losses=[row["loss"] for row in log_rows],
-                       probe_loss_start=probe_start, probe_loss_end=probe_loss(model, examples, probe, probe_prompts))
+    """Train one embedding (resuming from `state_dir` when it holds this run's state) and write its files."""
+    store = ResumeStore(state_dir)
+    trainer = Trainer(bundle, examples, settings, RunOutputs(out_dir, settings.name), store, start_vectors, start_step)
+    state = store.load()
+    if state is not None and state["step"] <= settings.steps:
+        trainer.load_state_dict(state)
+        log.info("resuming %s from step %d of %d (%s)", settings.name, trainer.step, settings.steps, store.path)
+    elif state is not None:
+        log.warning("the saved state is at step %d, past steps=%d; training starts over", state["step"], settings.steps)
+    return trainer.run(reporter, preview)

@@ -1,0 +1,114 @@
+"""Trainer step speed and peak memory against a bare loop on the same model and batch.
+
+The bare loop is the floor any TI trainer can reach: a frozen UNet forward+backward into one
+small trainable tensor (the text context itself), AdamW on it. tiflow's step adds the text
+encoder forward/backward, prompt handling and logging; the target is within 10%.
+
+Each measurement runs in its own process (peak RSS is per process). Usage:
+    python bench/bench_train.py [--models tiny-sd15 small-sd15] [--size 512] [--batch 1] [--steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _examples(count: int, latent_side: int):
+    from stages.train.dataset import LatentExample
+
+    generator = torch.Generator().manual_seed(0)
+    return [LatentExample(f"img{i}.png", torch.randn(4, latent_side, latent_side, generator=generator),
+                          torch.full((4, latent_side, latent_side), -6.0), "a red toy on a green background") for i in range(count)]
+
+
+def measure_bare(model: str, size: int, batch: int, warmup: int, steps: int) -> dict:
+    from stages.common.models import load_model
+
+    bundle = load_model(f"builtin:{model}")
+    unet, scheduler = bundle.unet, bundle.scheduler
+    width = bundle.text_width
+    context = torch.nn.Parameter(torch.randn(batch, 77, width) * 0.1)
+    optimizer = torch.optim.AdamW([context], lr=1e-3)
+    latents = torch.randn(batch, 4, size // 8, size // 8)
+    times = []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch,))
+        prediction = unet(scheduler.add_noise(latents, noise, t), t, context).sample
+        torch.nn.functional.mse_loss(prediction, noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return {"seconds_per_step": sorted(times)[len(times) // 2]}
+
+
+def measure_tiflow(model: str, size: int, batch: int, warmup: int, steps: int) -> dict:
+    import tempfile
+
+    from stages.common.models import load_model
+    from stages.train.outputs import RunOutputs
+    from stages.train.resume import ResumeStore
+    from stages.train.trainer import Trainer, TrainSettings
+
+    settings = TrainSettings(name="benchtok", token="benchtok", init_text="toy", vectors=4, steps=warmup + steps,
+                             batch_size=batch, save_every=0, learning_rate=1e-3)
+    trainer = Trainer(load_model(f"builtin:{model}"), _examples(16, size // 8), settings,
+                      RunOutputs(Path(tempfile.mkdtemp()), "benchtok"), ResumeStore(None))
+    times = []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        trainer.train_step()
+        trainer.step += 1
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return {"seconds_per_step": sorted(times)[len(times) // 2]}
+
+
+def child(args) -> None:
+    measure = measure_bare if args.variant == "bare" else measure_tiflow
+    result = measure(args.model, args.size, args.batch, args.warmup, args.steps)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny-sd15", "small-sd15"])
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (latents are size/8)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--variant", choices=["bare", "tiflow"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        child(args)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, batch {args.batch}, median of {args.steps} steps")
+    print(f"{'model':<12} {'bare s/step':>12} {'tiflow s/step':>14} {'ratio':>7} {'bare MB':>9} {'tiflow MB':>10} {'ratio':>7}")
+    for model in args.models:
+        results = {}
+        for variant in ("bare", "tiflow"):
+            command = [sys.executable, __file__, "--variant", variant, "--model", model, "--size", str(args.size),
+                       "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            results[variant] = json.loads(output.strip().splitlines()[-1])
+        bare, ours = results["bare"], results["tiflow"]
+        print(f"{model:<12} {bare['seconds_per_step']:>12.4f} {ours['seconds_per_step']:>14.4f} "
+              f"{ours['seconds_per_step'] / bare['seconds_per_step']:>7.3f} {bare['peak_rss_mb']:>9.0f} {ours['peak_rss_mb']:>10.0f} "
+              f"{ours['peak_rss_mb'] / bare['peak_rss_mb']:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()

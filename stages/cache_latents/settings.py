@@ -1,0 +1,46 @@
+"""The cache_latents section of config.yaml as a record, and the device/dtype it resolves to."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stages.common.config import ConfigError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    batch_size: int = 4  # images per VAE call; only images of one size share a call
+    dtype: str = "auto"  # auto = fp16 on a GPU (fp32 retry where it overflows), fp32 on the CPU
+    device: str = "auto"  # auto = cuda when torch sees a GPU
+    tiling: bool = False  # diffusers enable_tiling: images larger than the VAE's tile in overlapping tiles
+    slicing: bool = False  # diffusers enable_slicing: one image at a time inside a batch, same latents
+    prune: bool = False  # delete store entries the new manifest does not use
+
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"cache_latents.batch_size: {self.batch_size!r} is not allowed; give a whole number of images, 1 or more")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"cache_latents.dtype: {self.dtype!r} is not allowed; choose one of: auto, {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"cache_latents.device: {self.device!r} is not allowed; choose one of: {', '.join(DEVICES)}")
+
+    @classmethod
+    def from_section(cls, section: dict) -> "CacheSettings":
+        return cls(**section)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("cache_latents.device: cuda, but this torch sees no GPU (a CPU build of torch?); use auto or cpu")
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> str:
+        """The compute dtype's name (fp32 | fp16 | bf16); part of every cache key."""
+        if self.dtype == "auto":
+            return "fp16" if device.type == "cuda" else "fp32"
+        return self.dtype

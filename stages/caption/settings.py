@@ -1,0 +1,107 @@
+"""The caption section of config.yaml as records: methods, existing-caption action, filename rule, tagger."""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.common.config import ConfigError, validate_config
+
+METHODS = ("existing", "filename", "tagger", "none")
+EXISTING_ACTIONS = ("ignore", "copy", "prepend", "append")
+
+
+@dataclass(frozen=True)
+class FilenameRule:
+    """AUTOMATIC1111's [filewords] options: 'Filename word regex' and 'Filename join string'."""
+
+    word_regex: str
+    join: str
+
+    def __post_init__(self):
+        try:
+            re.compile(self.word_regex)
+        except re.error as exc:
+            raise ConfigError(f"caption.filename.word_regex: {self.word_regex!r} is not a valid regular expression ({exc})") from None
+
+
+@dataclass(frozen=True)
+class TaggerSettings:
+    model: Path | None  # None when the section leaves it empty; required only if the tagger runs
+    tags: Path | None
+    general_threshold: float
+    character_threshold: float
+    rating: str  # exclude | first | last
+    exclude: tuple[str, ...]
+    prefix: tuple[str, ...]
+    always_first: tuple[str, ...]
+    replace_underscores: bool
+    escape_brackets: bool
+    sort: str  # confidence | alphabetical
+    max_tags: int  # 0 = no limit
+    separator: str
+    batch_size: int
+    threads: int  # 0 = the cores the job was given
+    device: str  # auto | cpu | cuda
+    scores_min: float
+
+    @classmethod
+    def from_section(cls, section: dict) -> "TaggerSettings":
+        model = Path(section["model"]) if section["model"] else None
+        tags = Path(section["tags"]) if section["tags"] else (model.with_name("selected_tags.csv") if model else None)
+        values = {key: section[key] for key in section if key not in ("model", "tags")}
+        for key in ("exclude", "prefix", "always_first"):
+            values[key] = tuple(values[key])
+        return cls(model=model, tags=tags, **values)
+
+    def require_files(self) -> tuple[Path, Path]:
+        """The model and tags paths, or a clear error when either is missing."""
+        if self.model is None:
+            raise ConfigError("caption.tagger.model: not set; give the path of the tagger's model.onnx (e.g. from SmilingWolf/wd-v1-4-convnext-tagger-v2) or drop tagger from caption.method")
+        if not self.model.is_file():
+            raise FileNotFoundError(f"caption.tagger.model: {self.model} does not exist; give the path of a WD14-style tagger's model.onnx")
+        if self.tags is None or not self.tags.is_file():
+            raise FileNotFoundError(f"caption.tagger.tags: {self.tags} does not exist; give the selected_tags.csv that came with {self.model.name}")
+        return self.model, self.tags
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    methods: tuple[str, ...]  # tried in order until one gives text
+    existing_action: str
+    filename: FilenameRule
+    tagger: TaggerSettings
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ConfigError(f"caption.method: {unknown or self.methods!r} is not allowed; use one of {', '.join(METHODS)} or a list of them")
+        if self.existing_action not in EXISTING_ACTIONS:
+            raise ConfigError(f"caption.existing_action: {self.existing_action!r} is not allowed; use one of {', '.join(EXISTING_ACTIONS)}")
+
+    @property
+    def uses_tagger(self) -> bool:
+        return "tagger" in self.methods
+
+    @classmethod
+    def from_section(cls, section: dict | str | list, source: str = "caption settings") -> "CaptionSettings":
+        """Validate a caption section (or just a method / list of methods) against the schema, with its defaults."""
+        if isinstance(section, (str, list, tuple)):
+            section = {"method": list(section) if not isinstance(section, str) else section}
+        section = validate_config({"caption": copy.deepcopy(section)}, source=source)["caption"]
+        method = section["method"]
+        return cls(
+            methods=(method,) if isinstance(method, str) else tuple(method),
+            existing_action=section["existing_action"],
+            filename=FilenameRule(**section["filename"]),
+            tagger=TaggerSettings.from_section(section["tagger"]),
+        )
+
+
+def tagger_inputs(section: dict) -> list[str]:
+    """The tagger's model and tags files when the caption methods use it (Snakemake inputs, so replacing them re-captions)."""
+    settings = CaptionSettings.from_section(section, source="config.yaml")
+    if not settings.uses_tagger:
+        return []
+    return [str(path) for path in settings.tagger.require_files()]

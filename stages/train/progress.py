@@ -1,0 +1,30 @@
+"""Progress for people: a bar with loss, rate, speed and ETA, and optional TensorBoard scalars."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ProgressReporter:
+    """Called once per optimizer step with (step, loss, lr, images/s)."""
+
+    def __init__(self, bar, tensorboard_dir: Path | None = None):
+        self.bar, self.writer, self.last_step = bar, None, 0
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("train.tensorboard: needs the tensorboard package (pip install tensorboard); or set it to false") from None
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def __call__(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
+        self.bar.update(step - self.last_step)  # jumps over resumed steps
+        self.last_step = step
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.2f}", refresh=False)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

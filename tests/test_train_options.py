@@ -1,0 +1,142 @@
+"""Training options: schedules, caption augmentation, data order, per-family targets, SD 2.x, held-out learning."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stages.common.models import load_model
+from stages.common.schedule import schedule_factor
+from stages.train.dataset import ExampleOrder, load_examples
+from stages.train.optim import LearningRate
+from stages.train.outputs import RunOutputs
+from stages.common.prompts import augment_caption, build_prompt
+from stages.train.resume import ResumeStore
+from stages.train.trainer import TextualInversion, Trainer, TrainSettings, fixed_probe, probe_loss, train_embedding
+
+
+def test_warmup_then_cosine_and_linear_decay():
+    cosine = LearningRate(0.1, "cosine", warmup_steps=10, total_steps=110)
+    assert cosine.at(0) == pytest.approx(0.01) and cosine.at(9) == pytest.approx(0.1)
+    assert cosine.at(10) == pytest.approx(0.1) and cosine.at(60) == pytest.approx(0.05) and cosine.at(110) == pytest.approx(0.0, abs=1e-12)
+    linear = LearningRate(0.1, "linear", warmup_steps=0, total_steps=100)
+    assert linear.at(25) == pytest.approx(0.075)
+    a1111 = LearningRate("0.05:10, 0.005", "constant", 0, 100)
+    assert (a1111.at(9), a1111.at(10)) == (0.05, 0.005)
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        schedule_factor("exponential", 1, 10)
+
+
+def test_caption_augmentation_keeps_the_first_tags():
+    rng = random.Random(0)
+    caption = "mychar, red dress, smile, outdoors, sky, tree"
+    seen = {augment_caption(caption, rng, shuffle_tags=True, keep_tokens=2, tag_dropout=0.0, caption_dropout=0.0) for _ in range(30)}
+    assert len(seen) > 1 and all(s.startswith("mychar, red dress, ") for s in seen)
+    assert all(sorted(s.split(", ")) == sorted(caption.split(", ")) for s in seen)
+    dropped = [augment_caption(caption, rng, False, 1, tag_dropout=0.5, caption_dropout=0.0) for _ in range(50)]
+    assert all(d.startswith("mychar") for d in dropped) and min(len(d.split(", ")) for d in dropped) < 6
+    assert augment_caption(caption, rng, False, 0, 0.0, caption_dropout=1.0) == ""
+    assert build_prompt(None, "", "mychar") == "mychar"  # caption dropout leaves the trigger alone
+
+
+def test_each_image_appears_repeats_times_per_pass():
+    order = ExampleOrder(count=5, repeats=3, seed=1)
+    first_pass = order.take(15)
+    assert sorted(first_pass) == sorted(list(range(5)) * 3)
+    saved = order.state_dict()
+    continued = order.take(7)
+    order.load_state_dict(saved)
+    assert order.take(7) == continued
+
+
+@pytest.mark.parametrize("model, target", [("tiny-sd15", "epsilon"), ("tiny-sd2", "epsilon"), ("tiny-sd2-v", "v_prediction")])
+def test_loss_target_follows_the_family(model, target):
+    bundle = load_model(f"builtin:{model}")
+    assert bundle.family.prediction_type == target
+    ti = TextualInversion(bundle, TrainSettings(name="zzqtok", token="zzqtok"))
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        loss = ti.loss(latents, ["zzqtok"], noise, t)
+        scaled = latents * bundle.family.vae_scaling_factor
+        prediction = bundle.unet(bundle.scheduler.add_noise(scaled, noise, t), t, ti.context(["zzqtok"])).sample
+    expected_target = bundle.scheduler.get_velocity(scaled, noise, t) if target == "v_prediction" else noise
+    assert loss.item() == pytest.approx(F.mse_loss(prediction, expected_target).item(), rel=1e-5)
+
+
+def test_sd2_trains_with_its_own_padding(demo_prepared, tmp_path):
+    bundle = load_model("builtin:tiny-sd2-v")
+    examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
+    settings = TrainSettings(name="zzqtok", token="zzqtok", init_text="toy", vectors=3, steps=3, save_every=0, learning_rate=0.05)
+    result = train_embedding(bundle, examples, settings, tmp_path)
+    assert result.embedding.vectors["emb_params"].shape == (3, 32)
+    assert not torch.allclose(result.embedding.vectors["emb_params"], result.initial_vectors)
+    ids = TextualInversion(load_model("builtin:tiny-sd2"), settings).prompt_ids(["a zzqtok"])[0].tolist()
+    # OpenCLIP prompts: <start> a zzqtok zzqtok_1 zzqtok_2 <end>, then "!" (id 0) padding, not <|endoftext|>
+    assert ids[:6] == [49406, 320, 49408, 49409, 49410, 49407] and set(ids[6:]) == {0}
+
+
+def test_loss_on_held_out_images_falls(demo_prepared, tmp_path):
+    """Train on six demo images; the loss on the other two (fixed noise and timesteps) must drop clearly."""
+    examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
+    train_set, held_out = examples[:6], examples[6:]
+    settings = TrainSettings(name="demotok", token="demotok", init_text="red toy", vectors=2, learning_rate=0.05, steps=60,
+                             batch_size=4, save_every=0)
+    trainer = Trainer(load_model("builtin:tiny-sd15"), train_set, settings, RunOutputs(tmp_path, "demotok"), ResumeStore(None))
+    probe = fixed_probe(held_out, 8, seed=123, num_timesteps=1000)
+    prompts = [build_prompt(None, e.caption, "demotok") for e in held_out]
+    before = probe_loss(trainer.model, held_out, probe, prompts)
+    trainer.run()
+    after = probe_loss(trainer.model, held_out, probe, prompts)
+    assert after < 0.97 * before, (before, after)
+
+
+def test_previews_are_rendered_every_n_steps(demo_prepared, tmp_path):
+    from PIL import Image
+
+    from stages.train.preview import make_previewer
+
+    bundle = load_model("builtin:tiny-sd15")
+    settings = TrainSettings(name="demotok", token="demotok", steps=4, save_every=0, preview_every=2,
+                             preview={"prompt": "a photo of [name]", "negative_prompt": "", "seed": 1, "steps": 2, "guidance_scale": 7.0})
+    examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
+    previewer = make_previewer(bundle, settings.preview, "demotok", (64, 64), RunOutputs(tmp_path, "demotok"))
+    train_embedding(bundle, examples, settings, tmp_path, preview=previewer)
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["demotok-2.png", "demotok-4.png"]
+    first, second = (Image.open(tmp_path / "previews" / name) for name in ("demotok-2.png", "demotok-4.png"))
+    assert first.size[1] >= 64 and list(first.getdata()) != list(second.getdata())  # the vectors changed in between
+    from stages.common.embedding_read import read_embedding
+
+    carried = read_embedding(tmp_path / "previews" / "demotok-2.png")  # AUTOMATIC1111's embedding-in-PNG
+    assert carried.step == 2 and carried.vectors["emb_params"].shape == (1, 32)
+
+
+def test_init_from_an_existing_embedding_keeps_its_step_count(demo_prepared, tmp_path):
+    examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
+    first = train_embedding(load_model("builtin:tiny-sd15"), examples,
+                            TrainSettings(name="demotok", token="demotok", vectors=2, steps=3, save_every=0, learning_rate=0.05), tmp_path / "a")
+    from stages.train.start import starting_point
+
+    settings = TrainSettings(name="demotok", token="demotok", vectors=2, steps=2, save_every=0, init_from=str(tmp_path / "a" / "demotok.pt"))
+    bundle = load_model("builtin:tiny-sd15")
+    vectors, step = starting_point(settings, bundle)
+    assert step == 3 and torch.equal(vectors, first.embedding.vectors["emb_params"])
+    second = train_embedding(bundle, examples, settings, tmp_path / "b", start_vectors=vectors, start_step=step)
+    assert torch.equal(second.initial_vectors, vectors) and second.embedding.step == 5
+    assert torch.load(tmp_path / "b" / "demotok.pt", weights_only=True)["step"] == 5
+    with pytest.raises(ValueError, match="set vectors: 2"):
+        starting_point(TrainSettings(name="demotok", token="demotok", vectors=3, init_from=str(tmp_path / "a" / "demotok.pt")), bundle)
+
+
+@pytest.mark.parametrize("options", [{"precision": "bf16"}, {"precision": "fp16"}, {"gradient_checkpointing": True}, {"channels_last": True}])
+def test_speed_options_train_and_keep_fp32_vectors(demo_prepared, tmp_path, options):
+    examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
+    base = dict(name="demotok", token="demotok", init_text="toy", vectors=2, steps=3, save_every=0, learning_rate=0.05, batch_size=2)
+    reference = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings(**base), tmp_path / "ref")
+    result = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings(**base, **options), tmp_path / "opt")
+    vectors = result.embedding.vectors["emb_params"]
+    assert vectors.dtype == torch.float32 and torch.isfinite(vectors).all()
+    assert not torch.allclose(vectors, result.initial_vectors)
+    tolerance = 1e-4 if "precision" not in options else 5e-2  # exact options must not change the maths
+    torch.testing.assert_close(vectors, reference.embedding.vectors["emb_params"], atol=tolerance, rtol=tolerance)
