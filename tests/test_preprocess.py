@@ -6,6 +6,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from stages.preprocess.buckets import make_bucket_resolutions, select_bucket
+from stages.preprocess.duplicates import colour_layout, difference_hash, find_near_duplicates, pixel_digest
 from stages.preprocess.focal import FocalWeights, face_points, find_focal_point, working_copy
 from stages.preprocess.framing import frame_center, frame_none, frame_pad, should_split, split_boxes
 from stages.preprocess.images import load_rgb, load_source
@@ -235,6 +236,20 @@ def test_decompression_bombs_are_refused_at_the_configured_limit(tmp_path):
     assert load_rgb(tmp_path / "big.png", max_pixels=40_000).size == (200, 200)
     with pytest.raises(SkipImage, match="decompression bomb.*max_pixels"):
         load_rgb(tmp_path / "big.png", max_pixels=39_999)
+
+
+# --- duplicates ---
+
+def test_near_duplicates_need_close_hashes_and_close_colours():
+    photo = busy_patch(Image.new("RGB", (96, 96)), (0, 0, 96, 96), seed=3)
+    brighter = photo.point(lambda v: min(255, v + 6))
+    other = busy_patch(Image.new("RGB", (96, 96)), (0, 0, 96, 96), seed=4)
+    flat_red, flat_blue, flat_red_too = (Image.new("RGB", (96, 96), c) for c in (RED, BLUE, (250, 5, 5)))
+    pictures = {"photo": photo, "brighter": brighter, "other": other, "red": flat_red, "blue": flat_blue, "red2": flat_red_too}
+    fingerprints = {name: (difference_hash(p), colour_layout(p)) for name, p in pictures.items()}
+    pairs = {(pair.first, pair.second) for pair in find_near_duplicates(fingerprints, max_distance=4)}
+    assert pairs == {("photo", "brighter"), ("red", "red2")}
+    assert pixel_digest(photo) == pixel_digest(photo.copy()) != pixel_digest(brighter)
 
 
 # --- captions ---

@@ -162,7 +162,7 @@ def _size_of(sample: Sample) -> tuple[int, int]:
 
 def _size_batches(samples: list[Sample], batch_size: int, progress: Progress | None) -> Iterator[list[Sample]]:
     """Batches of at most `batch_size` same-sized samples (buckets give several sizes), pulled lazily."""
-    stream = progress(samples, len(samples)) if progress else samples
+    stream = progress(samples, len(samples)) if progress and samples else samples  # no empty bar when all is cached
     for _, same_size in itertools.groupby(stream, key=_size_of):
         while batch := list(itertools.islice(same_size, batch_size)):
             yield batch

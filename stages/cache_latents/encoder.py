@@ -35,7 +35,7 @@ def finite_samples(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(logvar).flatten(1).all(1)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the fp32 retry writes into these tensors
 def encode_batch(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, logvar) of the VAE's latent distribution for images in [-1, 1], as float32 on the CPU."""
     weight = next(vae.parameters())

@@ -21,7 +21,8 @@ def dataset_inputs(config: dict) -> list[str]:
     folder = Path(images)
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset.images: {images} is not a folder; give a folder of images or {DEMO_DATASET}")
-    return sorted(str(p) for p in folder.iterdir() if p.is_file())
+    entries = folder.rglob("*") if config["preprocess"].get("recursive") else folder.iterdir()
+    return sorted(str(p) for p in entries if p.is_file())
 
 
 def model_inputs(config: dict) -> list[str]:

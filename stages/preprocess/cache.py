@@ -39,7 +39,8 @@ class ImageRecord:
     height: int = 0
     animated: bool = False  # an animated GIF/WebP/PNG, of which the first frame was used
     pixel_sha256: str = ""
-    dhash: str = ""
+    dhash: str = ""  # perceptual hash and colour layout, for near-duplicates
+    colours: str = ""
     parts: list[FramedPart] = field(default_factory=list)
     debug_file: str = ""  # focal-point debug image, when asked for
 

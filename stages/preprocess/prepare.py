@@ -100,7 +100,8 @@ def preprocess_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes = list(progress(run_workers(paths, settings, cache_dir, workers), len(paths)))
     kept, skipped, duplicates = _select(outcomes, settings)
-    near = find_near_duplicates({str(k.outcome.path): k.outcome.record.dhash for k in kept}, settings.near_duplicate_distance)
+    fingerprints = {str(k.outcome.path): (k.outcome.record.dhash, k.outcome.record.colours) for k in kept}
+    near = find_near_duplicates(fingerprints, settings.near_duplicate_distance)
     for pair in near[:20]:
         log.warning("near-duplicates (%d of 64 hash bits differ): %s and %s", pair.distance, pair.first, pair.second)
     if len(near) > 20:

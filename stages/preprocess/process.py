@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from stages.common.files import atomic_path, hash_file
 from stages.preprocess.buckets import make_bucket_resolutions, select_bucket
 from stages.preprocess.cache import FramedPart, ImageCache, ImageRecord
-from stages.preprocess.duplicates import difference_hash, pixel_digest
+from stages.preprocess.duplicates import colour_layout, difference_hash, pixel_digest
 from stages.preprocess.focal import FocalWeights, draw_focal_debug, find_focal_point, working_copy
 from stages.preprocess.framing import (
     Box, contain_scale, cover_scale, crop_box_around, frame_center, frame_none, frame_pad, render_box, should_split, split_boxes,
@@ -119,7 +119,7 @@ def frame_source(path: Path, digest: str, settings: PreprocessSettings, cache: I
         with atomic_path(cache.file_path(digest, debug_file)) as temp:
             debug.save(temp, format="JPEG", quality=85)
     return ImageRecord("kept", width=width, height=height, animated=source.animated, pixel_sha256=pixel_digest(image),
-                       dhash=difference_hash(image), parts=parts, debug_file=debug_file)
+                       dhash=difference_hash(image), colours=colour_layout(image), parts=parts, debug_file=debug_file)
 
 
 def frame_picture(image: Image.Image, width: int, height: int, settings: PreprocessSettings) -> tuple[list[tuple[Image.Image, Box, str]], Image.Image | None]:

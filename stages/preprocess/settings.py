@@ -12,7 +12,7 @@ from PIL import ImageColor
 MODES = ("center", "pad", "focal", "bucket", "none")
 SPLIT_MODES = ("center", "pad", "focal")  # bucket and none keep each image's own aspect ratio
 # Bump when a code change alters the images written for unchanged settings, so old cache entries are not reused.
-PROCESSING_VERSION = 1
+PROCESSING_VERSION = 2
 # Settings that never change one image's framed pixels: leaving them out of the cache key means
 # toggling them reuses every cached image.
 _NOT_IN_CACHE_KEY = ("flip", "recursive", "caption_extension", "near_duplicate_distance")
