@@ -4,7 +4,8 @@ The bare loop is the floor any TI trainer can reach: a frozen UNet forward+backw
 small trainable tensor (the text context itself), AdamW on it. tiflow's step adds the text
 encoder forward/backward, prompt handling and logging; the target is within 10%.
 
-Each measurement runs in its own process (peak RSS is per process). Usage:
+Speed: the two loops alternate step by step in one process on the same UNet, so background
+load on a shared machine hits both alike. Peak memory: each loop in its own process. Usage:
     python bench/bench_train.py [--models tiny-sd15 small-sd15] [--size 512] [--batch 1] [--steps 20]
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ def measure_bare(model: str, size: int, batch: int, warmup: int, steps: int) -> 
     return {"seconds_per_step": sorted(times)[len(times) // 2]}
 
 
-def measure_tiflow(model: str, size: int, batch: int, warmup: int, steps: int) -> dict:
+def measure_tiflow(model: str, size: int, batch: int, warmup: int, steps: int, option: str = "") -> dict:
     import tempfile
 
     from stages.common.models import load_model
@@ -61,8 +62,12 @@ def measure_tiflow(model: str, size: int, batch: int, warmup: int, steps: int) -
     from stages.train.resume import ResumeStore
     from stages.train.trainer import Trainer, TrainSettings
 
+    overrides = {}
+    if option:  # e.g. "gradient_checkpointing", "channels_last", "compile", "precision=bf16"
+        key, _, value = option.partition("=")
+        overrides[key] = value if value else True
     settings = TrainSettings(name="benchtok", token="benchtok", init_text="toy", vectors=4, steps=warmup + steps,
-                             batch_size=batch, save_every=0, learning_rate=1e-3)
+                             batch_size=batch, save_every=0, learning_rate=1e-3, **overrides)
     trainer = Trainer(load_model(f"builtin:{model}"), _examples(16, size // 8), settings,
                       RunOutputs(Path(tempfile.mkdtemp()), "benchtok"), ResumeStore(None))
     times = []
@@ -75,9 +80,61 @@ def measure_tiflow(model: str, size: int, batch: int, warmup: int, steps: int) -
     return {"seconds_per_step": sorted(times)[len(times) // 2]}
 
 
+def measure_interleaved(model: str, size: int, batch: int, warmup: int, steps: int, option: str = "") -> dict:
+    """Alternate one bare step and one tiflow step on the same UNet, so background load hits both alike."""
+    import tempfile
+
+    from stages.common.models import load_model
+    from stages.train.outputs import RunOutputs
+    from stages.train.resume import ResumeStore
+    from stages.train.trainer import Trainer, TrainSettings
+
+    overrides = {}
+    if option:
+        key, _, value = option.partition("=")
+        overrides[key] = value if value else True
+    settings = TrainSettings(name="benchtok", token="benchtok", init_text="toy", vectors=4, steps=warmup + steps,
+                             batch_size=batch, save_every=0, learning_rate=1e-3, **overrides)
+    trainer = Trainer(load_model(f"builtin:{model}"), _examples(16, size // 8), settings,
+                      RunOutputs(Path(tempfile.mkdtemp()), "benchtok"), ResumeStore(None))
+    unet, scheduler, device = trainer.bundle.unet, trainer.bundle.scheduler, trainer.device
+    context = torch.nn.Parameter(torch.randn(batch, 77, trainer.bundle.text_width, device=device) * 0.1)
+    optimizer = torch.optim.AdamW([context], lr=1e-3)
+    latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
+
+    def bare_step():
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        prediction = unet(scheduler.add_noise(latents, noise, t).to(unet.dtype), t, context.to(unet.dtype)).sample
+        torch.nn.functional.mse_loss(prediction.float(), noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    bare, ours = [], []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        bare_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        middle = time.perf_counter()
+        trainer.train_step()
+        trainer.step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            bare.append(middle - started)
+            ours.append(time.perf_counter() - middle)
+    median = lambda values: sorted(values)[len(values) // 2]
+    return {"bare": median(bare), "tiflow": median(ours)}
+
+
 def child(args) -> None:
-    measure = measure_bare if args.variant == "bare" else measure_tiflow
-    result = measure(args.model, args.size, args.batch, args.warmup, args.steps)
+    if args.variant.startswith("interleaved"):
+        result = measure_interleaved(args.model, args.size, args.batch, args.warmup, args.steps, args.variant.partition(":")[2])
+    elif args.variant == "bare":
+        result = measure_bare(args.model, args.size, args.batch, args.warmup, args.steps)
+    else:
+        result = measure_tiflow(args.model, args.size, args.batch, args.warmup, args.steps, args.variant.partition(":")[2])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -89,7 +146,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--variant", choices=["bare", "tiflow"], help=argparse.SUPPRESS)
+    parser.add_argument("--options", nargs="*", default=[],
+                        help="also time tiflow with each option against plain tiflow: gradient_checkpointing, channels_last, compile, precision=bf16")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -97,17 +156,21 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, batch {args.batch}, median of {args.steps} steps")
     print(f"{'model':<12} {'bare s/step':>12} {'tiflow s/step':>14} {'ratio':>7} {'bare MB':>9} {'tiflow MB':>10} {'ratio':>7}")
+    def run(variant: str, model: str) -> dict:
+        command = [sys.executable, __file__, "--variant", variant, "--model", model, "--size", str(args.size),
+                   "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        return json.loads(output.strip().splitlines()[-1])
+
     for model in args.models:
-        results = {}
-        for variant in ("bare", "tiflow"):
-            command = [sys.executable, __file__, "--variant", variant, "--model", model, "--size", str(args.size),
-                       "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            results[variant] = json.loads(output.strip().splitlines()[-1])
-        bare, ours = results["bare"], results["tiflow"]
-        print(f"{model:<12} {bare['seconds_per_step']:>12.4f} {ours['seconds_per_step']:>14.4f} "
-              f"{ours['seconds_per_step'] / bare['seconds_per_step']:>7.3f} {bare['peak_rss_mb']:>9.0f} {ours['peak_rss_mb']:>10.0f} "
-              f"{ours['peak_rss_mb'] / bare['peak_rss_mb']:>7.3f}")
+        timed = run("interleaved", model)  # speed: both loops alternate in one process
+        bare_mem, ours_mem = run("bare", model)["peak_rss_mb"], run("tiflow", model)["peak_rss_mb"]  # memory: one process each
+        print(f"{model:<12} {timed['bare']:>12.4f} {timed['tiflow']:>14.4f} {timed['tiflow'] / timed['bare']:>7.3f} "
+              f"{bare_mem:>9.0f} {ours_mem:>10.0f} {ours_mem / bare_mem:>7.3f}")
+        for option in args.options:
+            with_option = run(f"interleaved:{option}", model)
+            print(f"  {model} with {option}: tiflow {with_option['tiflow']:.4f} s/step vs bare {with_option['bare']:.4f} "
+                  f"(same options on both) = {with_option['tiflow'] / timed['tiflow']:.3f}x plain tiflow")
 
 
 if __name__ == "__main__":
