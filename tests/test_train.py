@@ -1,4 +1,3 @@
-import pickle
 import zipfile
 
 import pandas as pd
@@ -17,12 +16,17 @@ def _settings(**overrides):
     return TrainSettings(**values)
 
 
-@pytest.fixture
-def trained(demo_prepared, tiny_bundle, tmp_path):
-    base_before = tiny_bundle.text_encoder.get_input_embeddings().weight.detach().clone()
+@pytest.fixture(scope="module")
+def trained(demo_prepared, tmp_path_factory):
+    """One 60-step run shared by the tests below (they only read its results)."""
+    from stages.common.models import load_model
+
+    bundle = load_model("builtin:tiny-sd15")
+    base_before = bundle.text_encoder.get_input_embeddings().weight.detach().clone()
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
-    result = train_embedding(tiny_bundle, examples, _settings(), tmp_path)
-    return result, tiny_bundle, base_before, tmp_path
+    out = tmp_path_factory.mktemp("trained")
+    result = train_embedding(bundle, examples, _settings(), out)
+    return result, bundle, base_before, out
 
 
 def test_embedding_learns_and_lowers_the_loss(trained):
