@@ -3,7 +3,7 @@
 import sys
 
 from stages.common.config import ConfigError, validate_config
-from stages.common.workflow import dataset_inputs, evaluate_params, model_inputs, to_json, train_params
+from stages.common.workflow import dataset_inputs, evaluate_params, model_inputs, to_json, train_inputs, train_params
 from stages.caption.settings import tagger_inputs  # the tagger's model and tags files, when caption.method uses it
 
 configfile: "config.yaml"
@@ -86,6 +86,7 @@ rule train:
         latents=rules.cache_latents.output,
         captions=rules.caption.output,
         model=model_inputs(config),
+        init_from=lambda wildcards: train_inputs(config, wildcards.run),
     output:
         embedding=f"{OUT}/train/{{run}}/{{run}}.safetensors",
         a1111=f"{OUT}/train/{{run}}/{{run}}.pt",

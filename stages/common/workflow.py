@@ -35,6 +35,12 @@ def model_inputs(config: dict) -> list[str]:
     return [path]
 
 
+def train_inputs(config: dict, run: str) -> list[str]:
+    """The embedding a run starts from (init_from), so replacing that file retrains the run."""
+    start = run_settings(config, run).get("init_from")
+    return [start] if start else []
+
+
 def train_params(config: dict, run: str) -> str:
     run_section = {k: v for k, v in run_settings(config, run).items() if k != "name"}
     return to_json({"model": config["model"], "run": run_section, "size": config["preprocess"]["size"]})
