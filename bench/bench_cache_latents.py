@@ -1,12 +1,13 @@
 """cache_latents: images/s per VAE at 512×512, and peak memory (RSS) while caching 2,000 images.
 
     python bench/bench_cache_latents.py                               # 2 threads, tiny-sd15 and small-sd15, 2,000 images
-    python bench/bench_cache_latents.py --models sd15 --device cuda --dtypes fp32,fp16 --images 64 --batch-size 8 --memory-images 0
+    python bench/bench_cache_latents.py --models sd15 --device cuda --dtypes fp32,fp16 --images 64 --batch-sizes 4,8 --memory-images 0
 
 Throughput: --images generated 512×512 PNGs go through the real stage (`cache_latents`: hashing,
 PNG decoding, VAE encoding, one safetensors file per image) with an empty store, after one
-warm-up call. The same batches through the bare VAE (`vae.encode` on tensors already in memory)
-are the baseline in the same process, so stage / bare shows what the stage adds around the VAE.
+warm-up call, for each batch size. The baseline, in the same process, is a plain `vae.encode`
+(NCHW, as diffusers runs it) on the same batches already in memory: stage / plain shows what
+the stage adds around the VAE (files) and gains (channels-last layout).
 
 Memory: a child process caches N generated 64×64 images with the tiny VAE and reports its peak
 RSS and its RSS at 10%, 50% and 100% of the images. It runs for --memory-baseline images and for
@@ -15,6 +16,7 @@ RSS and its RSS at 10%, 50% and 100% of the images. It runs for --memory-baselin
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -32,7 +34,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages.cache_latents.encode import cache_latents  # noqa: E402
-from stages.cache_latents.encoder import LatentEncoder  # noqa: E402
+from stages.cache_latents.encoder import DTYPES  # noqa: E402
 from stages.cache_latents.pixels import image_to_tensor  # noqa: E402
 from stages.cache_latents.settings import CacheSettings  # noqa: E402
 from stages.common.builtin import BUILTIN_MODELS  # noqa: E402
@@ -76,16 +78,17 @@ def peak_rss_mib() -> float:
     return _status_mib("VmHWM")
 
 
-def bare_rate(vae, images: Path, settings: CacheSettings, batches: list[list[str]]) -> float:
-    """Images/s of the VAE alone on the same batches, pixels already in memory."""
-    device = settings.resolve_device()
-    encoder = LatentEncoder(vae, device, settings.resolve_dtype(device), settings.tiling, settings.slicing)
-    tensors = [torch.stack([image_to_tensor(images / name, False) for name in batch]) for batch in batches]
-    _sync(device)
-    start = time.perf_counter()
-    for pixels in tensors:
-        encoder.encode(pixels)
-    _sync(device)
+def plain_rate(vae, images: Path, device: torch.device, dtype: str, batches: list[list[str]]) -> float:
+    """Images/s of a plain `vae.encode` (NCHW, no store, pixels already in memory) on the same batches: the baseline."""
+    plain = torch.nn.Module.to(copy.deepcopy(vae), device=device, dtype=DTYPES[dtype])
+    tensors = [torch.stack([image_to_tensor(images / name, False) for name in batch]).to(device, DTYPES[dtype]) for batch in batches]
+    with torch.no_grad():
+        plain.encode(tensors[0])  # first-call costs, as the stage's warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for pixels in tensors:
+            plain.encode(pixels).latent_dist.mean.cpu()
+        _sync(device)
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
 
@@ -94,24 +97,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def throughput(model: str, dtype: str, args: argparse.Namespace, work: Path) -> dict:
-    vae = load_vae(model)
+def throughput(vae, model: str, dtype: str, batch_size: int, args: argparse.Namespace, work: Path) -> dict:
     images = work / "images512"
     if not (images / "manifest.csv").exists():
         make_images(images, args.images, args.size)
-    settings = CacheSettings(batch_size=args.batch_size, dtype=dtype, device=args.device)
-    warm = work / "warm"
-    make_images(warm, args.batch_size, args.size, seed=99)
-    cache_latents(warm, work / "warm_out", work / f"warm_store_{model}_{dtype}", vae, model, settings=settings)  # first-call costs
-    store = work / f"store_{model}_{dtype}"
+    settings = CacheSettings(batch_size=batch_size, dtype=dtype, device=args.device)
+    device = settings.resolve_device()
+    batch = settings.resolve_batch_size(device)
+    name = f"{model}_{dtype}_{batch}"
+    warm = make_images(work / f"warm_{batch}", batch, args.size, seed=99)
+    cache_latents(warm, work / "warm_out", work / f"warm_store_{name}", vae, model, settings=settings)  # first-call costs
+    store = work / f"store_{name}"
     summary = cache_latents(images, work / "out", store, vae, model, settings=settings)
     names = list(pd.read_csv(images / "manifest.csv").output)
-    batches = [names[i:i + args.batch_size] for i in range(0, len(names), args.batch_size)]
-    bare = bare_rate(vae, images, settings, batches)
+    plain = plain_rate(vae, images, device, settings.resolve_dtype(device), [names[i:i + batch] for i in range(0, len(names), batch)])
     again = cache_latents(images, work / "out", store, vae, model, settings=settings)
-    return {"model": model, "dtype": dtype, "params_m": sum(p.numel() for p in vae.parameters()) / 1e6,
-            "stage": summary.images_per_second, "bare": bare, "retried": summary.retried_fp32,
-            "cached_run": again.reused, "error": difference_from_fp32(work / f"store_{model}_fp32", store, dtype)}
+    return {"batch": batch, "stage": summary.images_per_second, "plain": plain, "retried": summary.retried_fp32,
+            "cached_run": again.reused, "error": difference_from_fp32(work / f"store_{model}_fp32_{batch}", store, dtype)}
 
 
 def difference_from_fp32(reference: Path, store: Path, dtype: str) -> float | None:
@@ -140,7 +142,7 @@ def memory_child(count: int, work: Path, threads: int) -> None:
             if done in marks:
                 seen[marks[done]] = rss_mib()
 
-    summary = cache_latents(images, work / "out", work / "store", vae, "tiny", settings=CacheSettings(device="cpu", batch_size=8), progress=progress)
+    summary = cache_latents(images, work / "out", work / "store", vae, "tiny", settings=CacheSettings(device="cpu"), progress=progress)
     print(json.dumps({"count": count, "rss_before": before, **seen, "peak": peak_rss_mib(), "rate": summary.images_per_second}))
 
 
@@ -159,7 +161,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--images", type=int, default=8, help="images per throughput run")
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-sizes", default="1,4", help="cache_latents.batch_size values to time (0 = the stage's auto)")
     parser.add_argument("--memory-images", type=int, default=2000, help="images in the memory run (0 = skip)")
     parser.add_argument("--memory-baseline", type=int, default=200)
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
@@ -172,17 +174,21 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
           f"{args.threads} threads{', ' + gpu if gpu else ''}; load average {os.getloadavg()[0]:.1f}")
-    print(f"\nthroughput: {args.images} images of {args.size}x{args.size}, batch {args.batch_size}, {args.device}")
-    print(f"{'VAE':<12}{'dtype':<7}{'params':>8}{'stage img/s':>13}{'bare img/s':>12}{'stage/bare':>12}{'rerun':>14}{'max|mean-fp32|':>16}")
+    print(f"\nthroughput: {args.images} images of {args.size}x{args.size}, {args.device}; baseline: plain vae.encode (NCHW) on the same batches")
+    print(f"{'VAE':<12}{'params':>8}{'dtype':>7}{'batch':>7}{'stage img/s':>13}{'plain img/s':>13}{'stage/plain':>13}{'rerun':>14}{'max|mean-fp32|':>16}")
     with tempfile.TemporaryDirectory(prefix="bench_cache_") as work:
         for model in args.models.split(","):
+            vae = load_vae(model)
+            params = sum(p.numel() for p in vae.parameters()) / 1e6
             for dtype in args.dtypes.split(","):
-                row = throughput(model, dtype, args, Path(work))
-                print(f"{model:<12}{dtype:<7}{row['params_m']:>7.1f}M{row['stage']:>13.2f}{row['bare']:>12.2f}"
-                      f"{row['stage'] / row['bare']:>12.2f}{row['cached_run']:>8} reused"
-                      f"{'' if row['error'] is None else format(row['error'], '16.4f')}" + (f"  ({row['retried']} fp32 retries)" if row["retried"] else ""))
+                for batch_size in map(int, args.batch_sizes.split(",")):
+                    row = throughput(vae, model, dtype, batch_size, args, Path(work))
+                    error = "" if row["error"] is None else format(row["error"], "16.4f")
+                    retried = f"  ({row['retried']} fp32 retries)" if row["retried"] else ""
+                    print(f"{model:<12}{params:>7.1f}M{dtype:>7}{row['batch']:>7}{row['stage']:>13.2f}{row['plain']:>13.2f}"
+                          f"{row['stage'] / row['plain']:>13.2f}{row['cached_run']:>8} reused{error}{retried}")
     if args.memory_images:
-        print(f"\nmemory: 64x64 images, tiny-sd15 VAE, batch 8, {args.threads} threads, each count in a fresh process")
+        print(f"\nmemory: 64x64 images, tiny-sd15 VAE, default settings (batch 1 on the CPU), {args.threads} threads, each count in a fresh process")
         print(f"{'images':>7}{'RSS before':>12}{'at 10%':>9}{'at 50%':>9}{'at 100%':>9}{'peak':>9}{'img/s':>8}  (MiB)")
         rows = [memory(count, args.threads) for count in (args.memory_baseline, args.memory_images)]
         for r in rows:

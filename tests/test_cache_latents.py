@@ -1,6 +1,5 @@
 """cache_latents: cached latents are the VAE's, keyed by content, reused across runs, streamed batch by batch."""
 import copy
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +26,21 @@ def vae():
     return load_model("builtin:tiny-sd15").vae
 
 
+class SharedLog(list):
+    """A call log that the encoder's copies of a test VAE share with the test."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class CountingVAE(torch.nn.Module):
     """The real VAE, recording each call's batch and how many store entries existed when it came."""
 
     def __init__(self, inner: torch.nn.Module, store: Path | None = None):
         super().__init__()
         self.inner, self.store = inner, store
-        self.batches: list[int] = []
-        self.entries_before: list[int] = []
+        self.batches = SharedLog()
+        self.entries_before = SharedLog()
 
     def encode(self, pixels):
         self.batches.append(len(pixels))
@@ -66,14 +72,17 @@ def direct(vae, path: Path, flip=False):
         return vae.encode(image_to_tensor(path, flip)[None]).latent_dist
 
 
-def test_cached_latents_equal_a_direct_vae_encode(demo_prepared, tiny_bundle):
-    manifest = pd.read_csv(demo_prepared / "latents" / "manifest.csv")
-    row = manifest.iloc[0]
-    cached = load_file(str(demo_prepared / "latents" / row.latent_file))
-    reference = direct(tiny_bundle.vae, demo_prepared / "preprocess" / row.image)
-    assert torch.allclose(cached["mean"], reference.mean[0], atol=1e-5)
-    assert torch.allclose(cached["logvar"], reference.logvar[0], atol=1e-5)
-    assert cached["mean"].shape == (4, 8, 8) and cached["mean"].dtype == torch.float32
+def test_cached_latents_equal_a_direct_vae_encode(vae, tmp_path):
+    pre = write_preprocessed(tmp_path / "pre", {f"{i}.png": (64, 64) for i in range(5)})
+    cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings(device="cpu", batch_size=2))
+    manifest = pd.read_csv(tmp_path / "lat" / "manifest.csv")
+    assert list(manifest.image) == [f"{i}.png" for i in range(5)]
+    for row in manifest.itertuples():
+        cached = load_file(str(tmp_path / "lat" / row.latent_file))
+        reference = direct(vae, pre / row.image)
+        assert cached["mean"].shape == (4, 8, 8) and cached["mean"].dtype == torch.float32
+        assert torch.allclose(cached["mean"], reference.mean[0], atol=1e-5)
+        assert torch.allclose(cached["logvar"], reference.logvar[0], atol=1e-5)
 
 
 def test_flipped_copies_are_the_mirrored_image_encoded(vae, tmp_path):
@@ -200,8 +209,8 @@ def test_bad_inputs_get_errors_naming_the_file(vae, tmp_path):
         cache_latents(tmp_path / "nowhere", tmp_path / "lat", tmp_path / "store", vae, "v", settings=CPU)
 
 
-def test_cli_prints_throughput_and_cache_hits_and_refuses_bad_settings(demo_prepared, tmp_path, capsys):
-    shutil.copytree(demo_prepared / "preprocess", tmp_path / "pre")
+def test_cli_prints_throughput_and_cache_hits_and_refuses_bad_settings(tmp_path, capsys):
+    write_preprocessed(tmp_path / "pre", {f"{i}.png": (64, 64) for i in range(8)})
     paths = ["--preprocessed", str(tmp_path / "pre"), "--out", str(tmp_path / "lat"), "--store", str(tmp_path / "store")]
     settings = '{"model": {"path": "builtin:tiny-sd15"}, "cache_latents": {"batch_size": 3, "device": "cpu"}}'
     threads = torch.get_num_threads()
@@ -219,3 +228,5 @@ def test_cli_prints_throughput_and_cache_hits_and_refuses_bad_settings(demo_prep
     assert run_stage(main, build_parser(), ["--settings", bad, *paths]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["python -m stages.cache_latents: error: --settings: cache_latents.dtype: 'fp8' is not allowed; choose one of: auto, fp32, fp16, bf16"]
+    assert run_stage(main, build_parser(), ["--settings", '{"path": "my.safetensors"}', *paths]) == 1  # a bare model section
+    assert "found path; give an object with the keys model and cache_latents" in capsys.readouterr().err

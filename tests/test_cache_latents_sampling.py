@@ -1,6 +1,7 @@
 """What training gets from the cache: AUTOMATIC1111's three latent sampling methods, and never a NaN."""
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from stages.cache_latents.encode import NonFiniteLatentsError, cache_latents
 from stages.cache_latents.settings import CacheSettings
 from stages.train.dataset import LatentExample, sample_latent
-from test_cache_latents import direct, vae, write_preprocessed  # noqa: F401 (vae is a fixture)
+from test_cache_latents import SharedLog, direct, vae, write_preprocessed  # noqa: F401 (vae is a fixture)
 
 
 def cached_examples(folder) -> list[LatentExample]:
@@ -58,11 +59,10 @@ def test_once_keeps_one_sample_per_image(examples):
     assert not torch.allclose(fixed[0] - first.mean, fixed[1] - second.mean)  # its own noise per image
 
 
-class SharedLog(list):
-    """A call log that the encoder's copies of the VAE (fp16 and fp32) share."""
-
-    def __deepcopy__(self, memo):
-        return self
+def write_bright(path, seed=0) -> None:
+    """A textured picture in light tones (pixels 200-255), the kind OverflowingVAE overflows on."""
+    coarse = np.random.default_rng(seed).integers(200, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((64, 64), Image.BILINEAR).save(path)
 
 
 class OverflowingVAE(torch.nn.Module):
@@ -85,7 +85,7 @@ class OverflowingVAE(torch.nn.Module):
 
 def test_an_fp16_overflow_is_encoded_again_in_fp32_and_only_that_image(vae, tmp_path):
     pre = write_preprocessed(tmp_path / "pre", {"dark.png": (64, 64), "bright.png": (64, 64), "other.png": (64, 64)})
-    Image.new("RGB", (64, 64), (250, 250, 250)).save(pre / "bright.png")
+    write_bright(pre / "bright.png")
     overflowing = OverflowingVAE(vae)
     summary = cache_latents(pre, tmp_path / "lat", tmp_path / "store", overflowing, "v",
                             settings=CacheSettings(device="cpu", dtype="fp16", batch_size=4))
@@ -97,14 +97,14 @@ def test_an_fp16_overflow_is_encoded_again_in_fp32_and_only_that_image(vae, tmp_
             mean, encoded_dtype = entry.get_tensor("mean"), entry.metadata()["encoded_dtype"]
         assert torch.isfinite(mean).all()
         assert encoded_dtype == ("fp32" if row.image == "bright.png" else "fp16")
-        tolerance = 1e-5 if row.image == "bright.png" else 0.05
+        tolerance = 1e-4 if row.image == "bright.png" else 0.05  # fp32 (up to the memory layout's rounding) or fp16
         assert torch.allclose(mean, direct(vae, pre / row.image).mean[0], atol=tolerance)
 
 
 def test_a_nan_that_survives_fp32_is_reported_by_name_and_never_cached(vae, tmp_path):
     pre = write_preprocessed(tmp_path / "pre", {"dark.png": (64, 64), "bright.png": (64, 64), "other.png": (64, 64)})
     cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings(device="cpu", dtype="fp16"))
-    Image.new("RGB", (64, 64), (250, 250, 250)).save(pre / "bright.png")
+    write_bright(pre / "bright.png")
     broken = OverflowingVAE(vae, always=True)
     with pytest.raises(NonFiniteLatentsError, match=r"NaN/inf latents for 1 image\(s\) even in fp32.*: bright\.png\."):
         cache_latents(pre, tmp_path / "lat", tmp_path / "store", broken, "v", settings=CacheSettings(device="cpu", dtype="fp16"))

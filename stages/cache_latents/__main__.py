@@ -35,6 +35,10 @@ def _read_settings(args: argparse.Namespace) -> tuple[dict, CacheSettings, dict]
             given = json.loads(args.settings)  # {"model": {...}, "cache_latents": {...}}
         except json.JSONDecodeError as exc:
             raise ValueError(f"--settings: not valid JSON ({exc})") from None
+        unknown = sorted(set(given) - {"model", "cache_latents"}) if isinstance(given, dict) else [type(given).__name__]
+        if unknown:
+            raise ValueError(f"--settings: found {', '.join(unknown)}; give an object with the keys model and cache_latents, "
+                             'e.g. {"model": {"path": "builtin:tiny-sd15"}, "cache_latents": {"batch_size": 4}}')
         config = validate_config({"model": given.get("model", {}), "cache_latents": given.get("cache_latents", {})}, source="--settings")
         if not (args.preprocessed and args.out and args.store):
             raise ValueError("--settings needs --preprocessed, --out and --store too")

@@ -125,13 +125,15 @@ def cache_latents(
         if sample.key not in missing and not store.holds(sample.key):
             missing[sample.key] = sample  # identical images share one entry: encode it once
     reused = sum(sample.key not in missing for sample in samples)
-    log.info("%d latents: %d in the store, %d to encode on %s in %s", len(samples), reused, len(missing), device, dtype)
+    log.info("%d latents: %d in the store, %d to encode on %s in %s, batches of %d",
+             len(samples), reused, len(missing), device, dtype, settings.resolve_batch_size(device))
     if missing:
         _describe_vae_folder(store_dir / vae_identity, vae)
 
     started = time.perf_counter()
     retried, failed = 0, []
-    for batch in _size_batches(sorted(missing.values(), key=_size_of), settings.batch_size, progress):
+    batch_size = settings.resolve_batch_size(device)
+    for batch in _size_batches(sorted(missing.values(), key=_size_of), batch_size, progress):
         pixels = torch.stack([image_to_tensor(sample.path, sample.key.flip) for sample in batch])
         result = encoder.encode(pixels)
         for index, sample in enumerate(batch):

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stages.cache_latents.settings import DTYPES
-
 log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class EncoderMemoryError(ValueError):
@@ -39,8 +39,9 @@ def finite_samples(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def encode_batch(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, logvar) of the VAE's latent distribution for images in [-1, 1], as float32 on the CPU."""
     weight = next(vae.parameters())
-    distribution = vae.encode(pixels.to(weight.device, weight.dtype, non_blocking=True)).latent_dist
-    return distribution.mean.float().cpu(), distribution.logvar.float().cpu()
+    pixels = pixels.to(weight.device, weight.dtype, memory_format=torch.channels_last, non_blocking=True)
+    distribution = vae.encode(pixels).latent_dist
+    return distribution.mean.float().cpu().contiguous(), distribution.logvar.float().cpu().contiguous()
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
@@ -53,19 +54,16 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
 
 
 def _place(vae: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """`vae` itself when it already has this device and dtype, else a converted copy (the original stays fp32)."""
-    weight = next(vae.parameters())
-    if weight.device == device and weight.dtype == dtype:
-        return vae
+    """A copy of `vae` on `device` in `dtype`, channels-last; the original is left as it was (fp32, for retries)."""
+    # channels-last convolutions: 10-25% faster on the CPU (BENCHMARKS.md), the usual layout for GPU convolutions.
     # nn.Module.to, not diffusers' override, which warns about fp32 modules even when there are none
-    return torch.nn.Module.to(copy.deepcopy(vae), device=device, dtype=dtype)
+    return torch.nn.Module.to(copy.deepcopy(vae), device=device, dtype=dtype, memory_format=torch.channels_last)
 
 
 class LatentEncoder:
     """The model's VAE on `device` in `dtype` (fp32|fp16|bf16), with tiling/slicing as asked.
 
-    The VAE passed in is left on its device and dtype; tiling and slicing are switched on in the copy
-    that runs (which is the VAE itself when device and dtype already match).
+    It runs a copy; the VAE passed in is not changed.
     """
 
     def __init__(self, vae: torch.nn.Module, device: torch.device, dtype: str, tiling: bool = False, slicing: bool = False):
