@@ -156,7 +156,7 @@ def memory(count: int, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the cores the stage is given)")
-    parser.add_argument("--models", default="tiny-sd15,small-sd15", help="builtin models whose VAE to time")
+    parser.add_argument("--models", default="tiny-sd15,small-sd15", help="builtin models whose VAE to time ('' = memory run only)")
     parser.add_argument("--dtypes", default="fp32", help="comma-separated cache_latents.dtype values to time")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--images", type=int, default=8, help="images per throughput run")
@@ -177,7 +177,7 @@ def main() -> None:
     print(f"\nthroughput: {args.images} images of {args.size}x{args.size}, {args.device}; baseline: plain vae.encode (NCHW) on the same batches")
     print(f"{'VAE':<12}{'params':>8}{'dtype':>7}{'batch':>7}{'stage img/s':>13}{'plain img/s':>13}{'stage/plain':>13}{'rerun':>14}{'max|mean-fp32|':>16}")
     with tempfile.TemporaryDirectory(prefix="bench_cache_") as work:
-        for model in args.models.split(","):
+        for model in filter(None, args.models.split(",")):
             vae = load_vae(model)
             params = sum(p.numel() for p in vae.parameters()) / 1e6
             for dtype in args.dtypes.split(","):
