@@ -17,6 +17,8 @@ PY = sys.executable  # the interpreter snakemake runs in, so stages see the same
 OUT = config["out_dir"]
 RUNS = list(config["runs"])
 
+localrules: all  # on a cluster, the target rule needs no job of its own
+
 
 rule all:
     input:

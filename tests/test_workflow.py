@@ -65,3 +65,29 @@ def test_a_bad_config_stops_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "train: Additional properties are not allowed ('stepz' was unexpected)" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def planned_resources(result: subprocess.CompletedProcess) -> dict[str, dict[str, str]]:
+    """rule name → its 'resources:' line of a dry run, as a dict."""
+    resources, rule = {}, None
+    for line in result.stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("resources:") and rule:
+            resources[rule] = dict(item.split("=", 1) for item in line.split(":", 1)[1].strip().split(", "))
+    return resources
+
+
+def test_the_slurm_profile_sends_each_stage_as_a_job_and_the_model_stages_get_a_gpu(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+               "--profile", str(REPO / "profiles" / "slurm"), "-n"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resources = planned_resources(result)
+    assert set(resources) == {"preprocess", "caption", "cache_latents", "train", "evaluate", "all"}
+    for stage in ("cache_latents", "train", "evaluate"):
+        assert resources[stage].get("gpu") == "1", (stage, resources[stage])
+    for stage in ("preprocess", "caption"):
+        assert "gpu" not in resources[stage], (stage, resources[stage])
+    assert int(resources["train"]["runtime"]) > int(resources["preprocess"]["runtime"])
