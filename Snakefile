@@ -22,7 +22,7 @@ localrules: all  # on a cluster, the target rule needs no job of its own
 
 rule all:
     input:
-        expand(f"{OUT}/evaluate/{{run}}/grid.png", run=RUNS),
+        expand(f"{OUT}/evaluate/{{run}}/index.html", run=RUNS),
 
 
 rule preprocess:
@@ -111,17 +111,25 @@ rule evaluate:
     input:
         embedding=rules.train.output.embedding,
         loss=rules.train.output.loss,
+        latents=rules.cache_latents.output,
+        captions=rules.caption.output,
         model=model_inputs(config),
     output:
         grid=f"{OUT}/evaluate/{{run}}/grid.png",
         loss=f"{OUT}/evaluate/{{run}}/loss.png",
+        val_loss=f"{OUT}/evaluate/{{run}}/val_loss.csv",
+        metrics=f"{OUT}/evaluate/{{run}}/metrics.json",
+        report=f"{OUT}/evaluate/{{run}}/index.html",
+        best=f"{OUT}/evaluate/{{run}}/best/{{run}}.safetensors",
     params:
         settings=lambda wildcards: evaluate_params(config, wildcards.run),
         train_dir=lambda wildcards: f"{OUT}/train/{wildcards.run}",
+        latents=f"{OUT}/latents",
+        captions=f"{OUT}/caption",
         out=lambda wildcards: f"{OUT}/evaluate/{wildcards.run}",
     log:
         f"{OUT}/logs/evaluate_{{run}}.log",
     threads: workflow.cores
     shell:
         "{PY} -m stages.evaluate --settings {params.settings:q} --run {wildcards.run:q} --train-dir {params.train_dir:q}"
-        " --out {params.out:q} 2>&1 | tee {log:q}"
+        " --latents {params.latents:q} --captions {params.captions:q} --out {params.out:q} 2>&1 | tee {log:q}"

@@ -62,7 +62,7 @@ def test_sd_files_load_in_diffusers_with_tiflows_prompt_embeddings(tmp_path, sd_
     path = writer(embedding, tmp_path / filename)[0]
     pipeline = StableDiffusionPipeline(**fresh_sd15(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    pipeline.load_textual_inversion(str(path), token=TRIGGER)  # as users (and the evaluate stage) load it
+    pipeline.load_textual_inversion(str(path), token=TRIGGER)  # as users load it
     with torch.no_grad():
         prompt_embeds, _ = pipeline.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
     torch.testing.assert_close(prompt_embeds, expected, rtol=0, atol=1e-6)

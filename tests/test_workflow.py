@@ -41,6 +41,8 @@ def test_workflow_leaves_the_promised_files(finished_workflow):
     out = finished_workflow / "out"
     for name in ["train/demotok/demotok.safetensors", "train/demotok/demotok.pt", "train/demotok/loss.csv",
                  "train/demotok/steps/demotok-2.safetensors", "evaluate/demotok/grid.png", "evaluate/demotok/loss.png",
+                 "evaluate/demotok/val_loss.csv", "evaluate/demotok/metrics.json", "evaluate/demotok/index.html",
+                 "evaluate/demotok/checkpoints.png", "evaluate/demotok/best/demotok.safetensors",
                  "preprocess/manifest.csv", "preprocess/skipped.csv", "caption/captions.csv", "latents/manifest.csv"]:
         assert (out / name).is_file(), name
     grid = Image.open(out / "evaluate/demotok/grid.png")

@@ -47,5 +47,7 @@ def train_params(config: dict, run: str) -> str:
 
 
 def evaluate_params(config: dict, run: str) -> str:
+    run_section = run_settings(config, run)
+    # the template too: validation prompts are built as training built them
     return to_json({"model": config["model"], "evaluate": config["evaluate"], "size": config["preprocess"]["size"],
-                    "token": run_settings(config, run)["token"]})
+                    "token": run_section["token"], "template": run_section["template"]})

@@ -1,4 +1,4 @@
-"""python -m stages.evaluate: sample grids and a loss curve for a trained embedding (see --help)."""
+"""python -m stages.evaluate: grids, validation loss per checkpoint, the best checkpoint and a report page (see --help)."""
 from __future__ import annotations
 
 import argparse
@@ -6,15 +6,23 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from stages.common.config import run_settings, validate_config
 from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description="Render grid.png (prompts × seeds) and loss.png for a trained run.")
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.evaluate",
+        description="Score every saved checkpoint of a run on fixed noise (val_loss.csv), copy the best one to best/, "
+                    "and render grid.png, checkpoints.png, loss.png, metrics.json and index.html.",
+    )
     add_settings_arguments(parser)
     parser.add_argument("--run", required=True, help="the run (embedding name) to evaluate")
     parser.add_argument("--train-dir", type=Path, help="the run's train folder (default: {out_dir}/train/{run})")
+    parser.add_argument("--latents", type=Path, help="the cache_latents folder (default: {out_dir}/latents)")
+    parser.add_argument("--captions", type=Path, help="the caption folder (default: {out_dir}/caption)")
     parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/evaluate/{run})")
     return parser
 
@@ -24,27 +32,36 @@ def _size(value) -> tuple[int, int]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from stages.evaluate.report import RunToEvaluate
+
     if args.settings is not None:
-        # Snakemake passes {"evaluate": ..., "model": ..., "size": ..., "token": ...}
+        # Snakemake passes {"evaluate": ..., "model": ..., "size": ..., "token": ..., "template": ...}
         given = json.loads(args.settings)
         config = validate_config({k: given[k] for k in ("evaluate", "model") if k in given}, source="--settings")
-        section, model = config["evaluate"], config["model"]
-        size, trigger = _size(given.get("size", 512)), given.get("token", args.run)
-        if not (args.train_dir and args.out):
-            raise ValueError("--settings needs --train-dir and --out too")
-        train_dir, out = args.train_dir, args.out
+        missing = [flag for flag, value in (("--train-dir", args.train_dir), ("--latents", args.latents),
+                                            ("--captions", args.captions), ("--out", args.out)) if value is None]
+        if missing:
+            raise ValueError(f"--settings needs {', '.join(missing)} too")
+        size, out = _size(given.get("size", 512)), args.out
+        run = RunToEvaluate(args.run, given.get("token", args.run), given.get("template", "captions"),
+                            args.train_dir, args.latents, args.captions)
     else:
         config = load_full_config(args)
-        section, model = config["evaluate"], config["model"]
-        size, trigger = _size(config["preprocess"]["size"]), run_settings(config, args.run)["token"]
         root = Path(config["out_dir"])
-        train_dir, out = args.train_dir or root / "train" / args.run, args.out or root / "evaluate" / args.run
+        settings = run_settings(config, args.run)
+        size, out = _size(config["preprocess"]["size"]), args.out or root / "evaluate" / args.run
+        run = RunToEvaluate(args.run, settings["token"], settings["template"], args.train_dir or root / "train" / args.run,
+                            args.latents or root / "latents", args.captions or root / "caption")
     from stages.common.models import load_model
     from stages.evaluate.report import evaluate_run
 
+    model = config["model"]
     bundle = load_model(model["path"], model["family"])
-    grid = evaluate_run(bundle, train_dir, args.run, trigger, section, size, out)
-    print(f"evaluate: wrote {grid}")
+    metrics = evaluate_run(bundle, run, config["evaluate"], size, out, clip_skip=model["clip_skip"],
+                           progress=lambda items: tqdm(items, desc=f"evaluate {args.run}: validation loss", unit="checkpoint"))
+    print(f"evaluate {args.run}: best step {metrics['best_step']} of {metrics['final_step']} "
+          f"(validation loss {metrics['val_loss_first']} at step {metrics['val_loss_first_step']} → {metrics['val_loss_best']}); "
+          f"report: {out / 'index.html'}")
     return 0
 
 

@@ -1,44 +1,51 @@
-"""Sample images with a trained embedding, loaded the way users load it (diffusers' own loader)."""
+"""Sample grids for a trained embedding: prompts × seeds, or checkpoints × seeds."""
 from __future__ import annotations
 
-from pathlib import Path
-
+import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from stages.common.models import ModelBundle
-from stages.common.sampling import build_pipeline, sample_image
+from stages.common.sampling import sample_image
 
-
-def build_embedding_pipeline(bundle: ModelBundle, embedding_file: Path, trigger: str) -> StableDiffusionPipeline:
-    """A txt2img pipeline with the embedding loaded by diffusers' load_textual_inversion."""
-    pipeline = build_pipeline(bundle)
-    pipeline.load_textual_inversion(str(embedding_file), token=trigger)
-    return pipeline
+LABEL_HEIGHT = 18
 
 
 def render_samples(
     pipeline: StableDiffusionPipeline,
-    prompts: list[str],
+    contexts: list[torch.Tensor],
+    negative: torch.Tensor,
     seeds: list[int],
     size: tuple[int, int],
     steps: int,
     guidance_scale: float,
 ) -> list[list[Image.Image]]:
-    """One image per (prompt, seed): rows are prompts, columns are seeds."""
-    return [[sample_image(pipeline, seed, size, steps, guidance_scale, prompt=prompt) for seed in seeds] for prompt in prompts]
+    """One image per (prompt context, seed): rows are prompts, columns are seeds."""
+    return [[sample_image(pipeline, seed, size, steps, guidance_scale, prompt_embeds=context, negative_prompt_embeds=negative)
+             for seed in seeds] for context in contexts]
 
 
-def compose_grid(rows: list[list[Image.Image]], prompts: list[str], seeds: list[int]) -> Image.Image:
-    """Paste the images into one labelled grid: prompt above each row, seed on each image."""
+def compose_grid(rows: list[list[Image.Image]], row_labels: list[str], seeds: list[int]) -> Image.Image:
+    """Paste the images into one labelled grid: a label above each row, the seed on each image."""
     cell_w, cell_h = rows[0][0].size
-    label_h = 18
-    grid = Image.new("RGB", (cell_w * len(seeds), (cell_h + label_h) * len(rows)), "white")
+    grid = Image.new("RGB", (cell_w * len(seeds), (cell_h + LABEL_HEIGHT) * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    for r, (prompt, row) in enumerate(zip(prompts, rows)):
-        top = r * (cell_h + label_h)
-        draw.text((4, top + 3), prompt, fill="black")
+    for r, (label, row) in enumerate(zip(row_labels, rows)):
+        top = r * (cell_h + LABEL_HEIGHT)
+        draw.text((4, top + 3), label, fill="black")
         for c, (seed, image) in enumerate(zip(seeds, row)):
-            grid.paste(image, (c * cell_w, top + label_h))
-            draw.text((c * cell_w + 4, top + label_h + 4), f"seed {seed}", fill="white", stroke_width=1, stroke_fill="black")
+            grid.paste(image, (c * cell_w, top + LABEL_HEIGHT))
+            draw.text((c * cell_w + 4, top + LABEL_HEIGHT + 4), f"seed {seed}", fill="white", stroke_width=1, stroke_fill="black")
     return grid
+
+
+def spread_steps(steps: list[int], count: int, must_include: int) -> list[int]:
+    """Up to `count` steps spread evenly from first to last, always with the last and `must_include`."""
+    if count <= 0 or not steps:
+        return []
+    if len(steps) <= count:
+        return list(steps)
+    picked = {steps[round(i * (len(steps) - 1) / max(1, count - 1))] for i in range(count)}
+    picked.add(must_include)
+    while len(picked) > count:  # the best step pushed one over: drop the evenly picked one nearest to it
+        picked.remove(min((s for s in picked if s not in (must_include, steps[-1])), key=lambda s: abs(s - must_include)))
+    return sorted(picked)

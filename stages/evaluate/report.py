@@ -1,6 +1,20 @@
-"""The evaluate stage's outputs for one run: grid.png and loss.png."""
+"""The evaluate stage's work for one run: grids, validation loss per checkpoint, the best checkpoint, a report.
+
+Writes into the run's evaluate folder:
+  grid.png         prompts × seeds with the final embedding
+  checkpoints.png  the first prompt × seeds for a few checkpoints side by side (the best one marked)
+  val_loss.csv     step, val_loss, vector_norm, file: every saved checkpoint on the same fixed noise
+  loss.png         the training loss curve with the validation losses on it
+  best/{run}.safetensors, best/{run}.pt   the checkpoint with the lowest validation loss, named as the run
+  metrics.json     the numbers above in one place
+  index.html       all of it on one page
+"""
 from __future__ import annotations
 
+import json
+import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -9,18 +23,41 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from stages.common.files import atomic_path
+from stages.common.embedding import save_embedding_files
+from stages.common.files import atomic_path, write_csv_atomic, write_text_atomic
 from stages.common.models import ModelBundle
-from stages.evaluate.grid import build_embedding_pipeline, compose_grid, render_samples
+from stages.common.sampling import build_pipeline
+from stages.evaluate.grid import compose_grid, render_samples, spread_steps
+from stages.evaluate.html import write_report
+from stages.evaluate.validation import CheckpointModel, best_step, find_checkpoints, read_checkpoints, score_checkpoints
+from stages.train.dataset import load_examples
+
+log = logging.getLogger(__name__)
 
 
-def plot_loss(loss_csv: Path, target: Path) -> None:
-    """Training loss per step with a moving average, the curve users watch for overtraining."""
-    table = pd.read_csv(loss_csv)
+@dataclass(frozen=True)
+class RunToEvaluate:
+    """One trained run and the data it was trained on."""
+
+    name: str
+    token: str  # the trigger word in prompts
+    template: str  # train.template, so validation prompts are built as training built them
+    train_dir: Path
+    latents_dir: Path
+    captions_dir: Path
+
+
+def plot_loss(loss_csv: Path, validation: pd.DataFrame | None, target: Path) -> None:
+    """Training loss per step with a moving average, and the validation loss of each checkpoint."""
     figure, axis = plt.subplots(figsize=(7, 3.5), dpi=100)
-    axis.plot(table.step, table.loss, alpha=0.35, label="loss")
-    window = max(1, len(table) // 20)
-    axis.plot(table.step, table.loss.rolling(window, min_periods=1).mean(), label=f"mean of {window}")
+    if loss_csv.is_file():
+        table = pd.read_csv(loss_csv)
+        axis.plot(table.step, table.loss, alpha=0.3, label="training loss")
+        window = len(table) // 20
+        if window > 1:
+            axis.plot(table.step, table.loss.rolling(window, min_periods=1).mean(), label=f"training loss, mean of {window}")
+    if validation is not None and not validation.empty:
+        axis.plot(validation.step, validation.val_loss, "o-", color="black", label="validation loss (fixed noise)")
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.legend()
@@ -30,18 +67,85 @@ def plot_loss(loss_csv: Path, target: Path) -> None:
     plt.close(figure)
 
 
-def evaluate_run(bundle: ModelBundle, train_dir: Path, run: str, trigger: str, section: dict, size: tuple[int, int], out_dir: Path) -> Path:
-    """Write out_dir/grid.png (prompts × seeds with the final embedding) and loss.png; return the grid path."""
-    embedding_file = train_dir / f"{run}.safetensors"
-    if not embedding_file.is_file():
-        raise FileNotFoundError(f"{embedding_file} does not exist; run the train stage for {run!r} first")
-    prompts = [p.replace("[name]", trigger) for p in section["prompts"]]
-    pipeline = build_embedding_pipeline(bundle, embedding_file, trigger)
-    rows = render_samples(pipeline, prompts, section["seeds"], size, section["steps"], section["guidance_scale"])
-    grid = compose_grid(rows, prompts, section["seeds"])
+def save_png(image, target: Path) -> None:
+    with atomic_path(target) as temp:
+        image.save(temp, format="PNG")
+
+
+def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: tuple[int, int], out_dir: Path,
+                 clip_skip: int = 1, progress=None) -> dict:
+    """Write every evaluate output for `run` into out_dir; return the metrics (also in metrics.json)."""
+    checkpoints = find_checkpoints(run.train_dir, run.name)
+    embeddings = read_checkpoints(bundle, checkpoints)
+    examples = load_examples(run.latents_dir, run.captions_dir)
+    model = CheckpointModel(bundle, embeddings[checkpoints[0].step], run.token, run.template, clip_skip)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "grid.png") as temp:
-        grid.save(temp, format="PNG")
-    if (train_dir / "loss.csv").is_file():
-        plot_loss(train_dir / "loss.csv", out_dir / "loss.png")
-    return out_dir / "grid.png"
+
+    validation = score_checkpoints(model, examples, checkpoints, embeddings, bundle.scheduler.config.num_train_timesteps,
+                                   section["validation_samples"], section["validation_seed"], progress)
+    write_csv_atomic(out_dir / "val_loss.csv", validation)
+    best = best_step(validation)
+    best_files = save_embedding_files(embeddings[best], out_dir / "best", run.name)
+    plot_loss(run.train_dir / "loss.csv", validation, out_dir / "loss.png")
+
+    pipeline = build_pipeline(bundle)
+    prompts = [p.replace("[name]", run.token) for p in section["prompts"]]
+    seeds, render = section["seeds"], (size, section["steps"], section["guidance_scale"])
+    negative = model.context([""])
+    final = checkpoints[-1]
+    model.use(embeddings[final.step], final.path)
+    rows = render_samples(pipeline, [model.context([p]) for p in prompts], negative, seeds, *render)
+    save_png(compose_grid(rows, prompts, seeds), out_dir / "grid.png")
+
+    shown = spread_steps([c.step for c in checkpoints], section["checkpoint_grid"], best)
+    path_of = {c.step: c.path for c in checkpoints}
+    rows, labels = [], []
+    for step in shown:
+        model.use(embeddings[step], path_of[step])
+        rows += render_samples(pipeline, [model.context(prompts[:1])], negative, seeds, *render)
+        labels.append(f"step {step}{' (best)' if step == best else ''}")  # short: cells can be 64 px wide
+    if rows:
+        save_png(compose_grid(rows, labels, seeds), out_dir / "checkpoints.png")
+    else:
+        (out_dir / "checkpoints.png").unlink(missing_ok=True)
+
+    metrics = _metrics(run, validation, best, final.step, len(examples), section, best_files, out_dir)
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_report(out_dir / "index.html", metrics, validation, has_checkpoint_grid=bool(rows))
+    return metrics
+
+
+def _metrics(run: RunToEvaluate, validation: pd.DataFrame, best: int, final_step: int, images: int, section: dict,
+             best_files: list[Path], out_dir: Path) -> dict:
+    loss_of = dict(zip(validation.step, validation.val_loss))
+    first_step = int(validation.step.iloc[0])
+    train_loss = _recent_training_loss(run.train_dir / "loss.csv")
+    return {
+        "run": run.name,
+        "token": run.token,
+        "images": images,
+        "checkpoints": len(validation),
+        "final_step": final_step,
+        "best_step": best,
+        "val_loss_first": _number(loss_of[first_step]),
+        "val_loss_first_step": first_step,
+        "val_loss_best": _number(loss_of[best]),
+        "val_loss_final": _number(loss_of[final_step]),
+        "val_loss_best_vs_first": _number(loss_of[best] / loss_of[first_step] - 1) if loss_of[first_step] else None,
+        "vector_norm_final": _number(validation.vector_norm.iloc[-1]),
+        "train_loss_last_10pct_mean": train_loss,
+        "validation_samples": section["validation_samples"],
+        "best_files": [str(p.relative_to(out_dir)) for p in best_files],
+    }
+
+
+def _recent_training_loss(loss_csv: Path) -> float | None:
+    if not loss_csv.is_file():
+        return None
+    losses = pd.read_csv(loss_csv).loss.dropna()
+    return _number(losses.tail(max(1, len(losses) // 10)).mean()) if len(losses) else None
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None

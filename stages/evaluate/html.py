@@ -1,0 +1,73 @@
+"""index.html: one page per run with the grids, the loss curve, the checkpoints table and the best file."""
+from __future__ import annotations
+
+from html import escape
+from pathlib import Path
+
+import pandas as pd
+
+from stages.common.files import write_text_atomic
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0.2em; } .sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }
+th { background: #f4f4f4; } td.left, th.left { text-align: left; } tr.best { background: #e6f4e6; font-weight: bold; }
+img { max-width: 100%; border: 1px solid #ccc; } figure { margin: 1.5em 0; } figcaption { color: #555; }
+"""
+
+
+def _format(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_checkpoint_grid: bool) -> None:
+    """Write the run's page; every picture and file it names is beside it in the evaluate folder."""
+    run = escape(metrics["run"])
+    change = metrics.get("val_loss_best_vs_first")
+    change_text = f"{change * 100:+.1f}%" if change is not None else "–"
+    summary = [
+        ("trigger word", escape(metrics["token"])),
+        ("training images (with flips)", metrics["images"]),
+        ("final step", metrics["final_step"]),
+        ("best step (lowest validation loss)", metrics["best_step"]),
+        (f"validation loss at step {metrics['val_loss_first_step']} → best", f"{_format(metrics['val_loss_first'])} → "
+         f"{_format(metrics['val_loss_best'])} ({change_text})"),
+        ("validation loss, final", _format(metrics["val_loss_final"])),
+        ("mean vector norm, final", _format(metrics["vector_norm_final"])),
+        ("training loss, mean of the last 10% of steps", _format(metrics["train_loss_last_10pct_mean"])),
+    ]
+    rows = "\n".join(
+        f'<tr class="{"best" if int(r.step) == metrics["best_step"] else ""}"><td>{int(r.step)}</td><td>{_format(r.val_loss)}</td>'
+        f'<td>{_format(r.vector_norm)}</td><td class="left">{escape(Path(r.file).name)}</td></tr>'
+        for r in validation.itertuples()
+    )
+    best_links = ", ".join(f'<a href="{escape(f)}">{escape(f)}</a>' for f in metrics["best_files"])
+    checkpoint_figure = (
+        '<figure><img src="checkpoints.png" alt="checkpoints side by side"><figcaption>The first prompt at a few '
+        "checkpoints, same seeds: where the likeness appears and where it starts to overcook.</figcaption></figure>"
+        if has_checkpoint_grid else ""
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>tiflow: {run}</title><style>{STYLE}</style></head>
+<body>
+<h1>{run}</h1>
+<p class="sub">Textual Inversion run evaluated by tiflow. Best checkpoint: {best_links}</p>
+<table>{"".join(f'<tr><th class="left">{escape(k)}</th><td>{v}</td></tr>' for k, v in summary)}</table>
+<figure><img src="grid.png" alt="samples with the final embedding"><figcaption>The final embedding: one row per
+evaluate prompt, one column per seed.</figcaption></figure>
+{checkpoint_figure}
+<figure><img src="loss.png" alt="loss curves"><figcaption>Training loss per step, and each checkpoint's validation loss
+on the same {metrics["validation_samples"]} fixed (image, noise, timestep) triples.</figcaption></figure>
+<h2>Checkpoints</h2>
+<table><tr><th>step</th><th>validation loss</th><th>mean vector norm</th><th class="left">file</th></tr>
+{rows}
+</table>
+<p>The same numbers are in <a href="val_loss.csv">val_loss.csv</a> and <a href="metrics.json">metrics.json</a>.</p>
+</body></html>
+"""
+    write_text_atomic(target, page)

@@ -1,0 +1,124 @@
+"""The evaluate stage on a run folder the tests write: validation loss per checkpoint, the best one, grids, report."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from stages.common.embedding import Embedding, EmbeddingError, read_embedding, save_embedding_files
+from stages.common.config import validate_config
+from stages.common.models import load_model
+from stages.evaluate.grid import spread_steps
+from stages.evaluate.report import RunToEvaluate, evaluate_run
+from stages.evaluate.validation import best_step, find_checkpoints
+
+RUN = "zzqtok"
+SECTION = {**validate_config({})["evaluate"], "prompts": ["a photo of [name]", "[name] on a beach"], "seeds": [1, 2],
+           "steps": 2, "validation_samples": 8}
+
+
+def write_run(train_dir, vectors_by_step: dict[int, torch.Tensor]) -> None:
+    """steps/{RUN}-{step}.* for every step, and the last one also as the final {RUN}.*, with a loss.csv."""
+    steps = sorted(vectors_by_step)
+    for step in steps:
+        embedding = Embedding(RUN, {"emb_params": vectors_by_step[step]}, step=step)
+        save_embedding_files(embedding, train_dir / "steps", f"{RUN}-{step}")
+    save_embedding_files(Embedding(RUN, {"emb_params": vectors_by_step[steps[-1]]}, step=steps[-1]), train_dir, RUN)
+    pd.DataFrame({"step": range(1, steps[-1] + 1), "loss": 1.0, "lr": 0.005, "images_per_s": 1.0}).to_csv(train_dir / "loss.csv", index=False)
+
+
+def run_of(tmp_path, demo_prepared) -> RunToEvaluate:
+    return RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption")
+
+
+@pytest.fixture
+def vectors(tiny_bundle):
+    """Two vectors of the word 'toy' (what the demo shows), and the same scaled far out of range."""
+    weight = tiny_bundle.text_encoder.get_input_embeddings().weight.detach()
+    toy = weight[tiny_bundle.tokenizer("toy", add_special_tokens=False).input_ids[0]]
+    sensible = torch.stack([toy, toy])
+    return {"sensible": sensible, "wild": sensible * 60 + 3}
+
+
+def test_every_checkpoint_is_scored_on_the_same_noise_and_the_best_is_copied(tiny_bundle, vectors, demo_prepared, tmp_path):
+    # steps 2 and 6 hold the same vectors, step 4 the wild ones
+    write_run(tmp_path / "train", {2: vectors["sensible"], 4: vectors["wild"], 6: vectors["sensible"].clone()})
+    out = tmp_path / "evaluate"
+    metrics = evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared), SECTION, (64, 64), out)
+
+    table = pd.read_csv(out / "val_loss.csv")
+    assert table.step.tolist() == [2, 4, 6]
+    loss = dict(zip(table.step, table.val_loss))
+    assert loss[2] == loss[6]  # same vectors, same fixed noise and timesteps: the same number
+    assert loss[4] != loss[2]  # the vectors do change it
+    expected_best = 2 if loss[2] < loss[4] else 4  # ties go to the earlier step
+    assert metrics["best_step"] == expected_best == best_step(table)
+    best = read_embedding(out / "best" / f"{RUN}.safetensors")
+    assert torch.equal(best.vectors["emb_params"], vectors["sensible" if expected_best == 2 else "wild"])
+    assert read_embedding(out / "best" / f"{RUN}.pt").step == expected_best
+    assert table.vector_norm[1] > 10 * table.vector_norm[0]
+
+    # rerunning (a new process, so a fresh model) gives the same validation losses: the probe is seeded
+    again = evaluate_run(load_model("builtin:tiny-sd15"), run_of(tmp_path, demo_prepared), SECTION, (64, 64), tmp_path / "again")
+    assert pd.read_csv(tmp_path / "again" / "val_loss.csv").val_loss.tolist() == table.val_loss.tolist()
+    assert again["best_step"] == metrics["best_step"]
+
+
+def test_the_report_has_the_grids_the_curve_and_every_checkpoint(tiny_bundle, vectors, demo_prepared, tmp_path):
+    write_run(tmp_path / "train", {step: vectors["sensible"] + 0.01 * step for step in (2, 4, 6, 8, 10)})
+    out = tmp_path / "evaluate"
+    metrics = evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared), {**SECTION, "checkpoint_grid": 3}, (64, 64), out)
+
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * 64, 2 * (64 + 18))  # 2 seeds × 2 prompts, each row with its label
+    checkpoints = Image.open(out / "checkpoints.png")
+    assert checkpoints.size == (2 * 64, 3 * (64 + 18))  # 3 of the 5 checkpoints
+    assert Image.open(out / "loss.png").size[0] > 300
+    page = (out / "index.html").read_text()
+    for step in (2, 4, 6, 8, 10):
+        assert f"<td>{step}</td>" in page
+    for name in ("grid.png", "checkpoints.png", "loss.png", f"best/{RUN}.safetensors", "val_loss.csv"):
+        assert f'"{name}"' in page
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == metrics and saved["checkpoints"] == 5 and saved["final_step"] == 10 and saved["images"] == 8
+
+
+def test_no_checkpoint_grid_when_turned_off(tiny_bundle, vectors, demo_prepared, tmp_path):
+    write_run(tmp_path / "train", {3: vectors["sensible"]})
+    out = tmp_path / "evaluate"
+    (out).mkdir()
+    (out / "checkpoints.png").write_bytes(b"stale")
+    evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared), {**SECTION, "checkpoint_grid": 0}, (64, 64), out)
+    assert not (out / "checkpoints.png").exists()
+    assert 'src="checkpoints.png"' not in (out / "index.html").read_text()
+
+
+def test_spread_steps_keeps_first_last_and_best():
+    steps = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
+    assert spread_steps(steps, 4, must_include=1000) == [100, 400, 700, 1000]
+    picked = spread_steps(steps, 4, must_include=500)
+    assert len(picked) == 4 and {500, 1000} <= set(picked)
+    assert spread_steps(steps[:3], 5, must_include=200) == [100, 200, 300]
+    assert spread_steps(steps, 0, must_include=500) == []
+
+
+def test_best_step_prefers_the_earlier_of_equal_losses_and_skips_nan():
+    table = pd.DataFrame({"step": [5, 10, 15], "val_loss": [float("nan"), 0.5, 0.5]})
+    assert best_step(table) == 10
+    with pytest.raises(ValueError, match="no checkpoint has a finite validation loss"):
+        best_step(pd.DataFrame({"step": [5], "val_loss": [float("nan")]}))
+
+
+def test_bad_run_folders_get_errors_naming_the_file(tiny_bundle, vectors, demo_prepared, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{RUN}.safetensors does not exist; run the train stage"):
+        find_checkpoints(tmp_path / "train", RUN)
+
+    write_run(tmp_path / "train", {2: vectors["sensible"], 4: vectors["sensible"][:1]})  # the final has 1 vector
+    with pytest.raises(EmbeddingError, match="mixes two trainings"):
+        evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared), SECTION, (64, 64), tmp_path / "evaluate")
+
+    wide = tmp_path / "wide"
+    write_run(wide / "train", {2: torch.zeros(1, 1024)})
+    with pytest.raises(EmbeddingError, match="1024"):
+        evaluate_run(tiny_bundle, run_of(wide, demo_prepared), SECTION, (64, 64), wide / "evaluate")
