@@ -34,21 +34,26 @@ def _examples(count: int, latent_side: int):
 def measure_bare(model: str, size: int, batch: int, warmup: int, steps: int) -> dict:
     from stages.common.models import load_model
 
+    from stages.train.trainer import pick_device, resolve_precision
+
     bundle = load_model(f"builtin:{model}")
-    unet, scheduler = bundle.unet, bundle.scheduler
+    device = pick_device()  # where tiflow would train, in the dtype precision: auto gives it
+    unet, scheduler = bundle.unet.to(device, resolve_precision("auto", device)), bundle.scheduler
     width = bundle.text_width
-    context = torch.nn.Parameter(torch.randn(batch, 77, width) * 0.1)
+    context = torch.nn.Parameter(torch.randn(batch, 77, width, device=device) * 0.1)
     optimizer = torch.optim.AdamW([context], lr=1e-3)
-    latents = torch.randn(batch, 4, size // 8, size // 8)
+    latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (batch,))
-        prediction = unet(scheduler.add_noise(latents, noise, t), t, context).sample
-        torch.nn.functional.mse_loss(prediction, noise).backward()
+        t = torch.randint(0, 1000, (batch,), device=device)
+        prediction = unet(scheduler.add_noise(latents, noise, t).to(unet.dtype), t, context.to(unet.dtype)).sample
+        torch.nn.functional.mse_loss(prediction.float(), noise).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - started)
     return {"seconds_per_step": sorted(times)[len(times) // 2]}
@@ -136,6 +141,8 @@ def child(args) -> None:
     else:
         result = measure_tiflow(args.model, args.size, args.batch, args.warmup, args.steps, args.variant.partition(":")[2])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():  # on a GPU the memory that matters is the device's
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
 
 
@@ -164,9 +171,11 @@ def main() -> None:
 
     for model in args.models:
         timed = run("interleaved", model)  # speed: both loops alternate in one process
-        bare_mem, ours_mem = run("bare", model)["peak_rss_mb"], run("tiflow", model)["peak_rss_mb"]  # memory: one process each
+        bare, ours = run("bare", model), run("tiflow", model)  # memory: one process each
+        memory = "peak_gpu_mb" if "peak_gpu_mb" in bare else "peak_rss_mb"  # GPU memory on a GPU, host RSS otherwise
+        bare_mem, ours_mem = bare[memory], ours[memory]
         print(f"{model:<12} {timed['bare']:>12.4f} {timed['tiflow']:>14.4f} {timed['tiflow'] / timed['bare']:>7.3f} "
-              f"{bare_mem:>9.0f} {ours_mem:>10.0f} {ours_mem / bare_mem:>7.3f}")
+              f"{bare_mem:>9.0f} {ours_mem:>10.0f} {ours_mem / bare_mem:>7.3f}" + ("  (GPU MB)" if memory == "peak_gpu_mb" else ""))
         for option in args.options:
             with_option = run(f"interleaved:{option}", model)
             print(f"  {model} with {option}: tiflow {with_option['tiflow']:.4f} s/step vs bare {with_option['bare']:.4f} "
