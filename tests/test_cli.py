@@ -28,6 +28,8 @@ def test_stages_run_by_hand_from_config_yaml(tmp_path):
         extra = ["--run", "demotok"] if stage in ("train", "evaluate") else []
         result = run("-m", f"stages.{stage}", *extra, cwd=tmp_path)
         assert result.returncode == 0, f"{stage}: {result.stderr[-2000:]}"
+        if stage == "train":
+            assert "2 of 8 latents held out for validation" in result.stdout  # runs.demotok.validation_split: 0.25
     assert (tmp_path / "out/train/demotok/demotok.safetensors").is_file()
     assert (tmp_path / "out/evaluate/demotok/grid.png").is_file()
 

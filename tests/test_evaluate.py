@@ -81,7 +81,7 @@ def test_the_report_has_the_grids_the_curve_and_every_checkpoint(tiny_bundle, ve
     for name in ("grid.png", "checkpoints.png", "loss.png", f"best/{RUN}.safetensors", "val_loss.csv"):
         assert f'"{name}"' in page
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved == metrics and saved["checkpoints"] == 5 and saved["final_step"] == 10 and saved["images"] == 8
+    assert saved == metrics and saved["checkpoints"] == 5 and saved["final_step"] == 10 and saved["validation_images"] == 8
 
 
 def test_no_checkpoint_grid_when_turned_off(tiny_bundle, vectors, demo_prepared, tmp_path):
@@ -122,3 +122,36 @@ def test_bad_run_folders_get_errors_naming_the_file(tiny_bundle, vectors, demo_p
     write_run(wide / "train", {2: torch.zeros(1, 1024)})
     with pytest.raises(EmbeddingError, match="1024"):
         evaluate_run(tiny_bundle, run_of(wide, demo_prepared), SECTION, (64, 64), wide / "evaluate")
+
+
+def _example(name: str, sha: str):
+    from stages.train.dataset import LatentExample
+
+    return LatentExample(name, torch.zeros(4, 8, 8), torch.zeros(4, 8, 8), "a caption", sha)
+
+
+def test_the_validation_split_holds_out_whole_images_by_content_hash():
+    from stages.train.dataset import split_validation
+
+    examples = [_example(f"img{i}.png", f"{(i * 7) % 10:02d}" + "f" * 62) for i in range(10)]
+    examples += [_example(e.image, e.image_sha256) for e in examples]  # mirrored copies share image and hash
+    trained, held = split_validation(examples, 0.2)
+    assert {e.image for e in held} == {"img0.png", "img3.png"}  # the two lowest hashes: 00…, 01…
+    assert len(held) == 4 and not {e.image for e in held} & {e.image for e in trained}
+    assert split_validation(list(reversed(examples)), 0.2)[1][0].image in {"img0.png", "img3.png"}  # order does not matter
+    assert split_validation(examples, 0.0) == (examples, [])
+    assert len({e.image for e in split_validation(examples[:2], 0.01)[1]}) == 1  # at least one held out
+    assert len({e.image for e in split_validation(examples[:2], 0.5)[0]}) == 1  # at least one trained on
+    with pytest.raises(ValueError, match="validation_split: 0.2 needs at least 2 images"):
+        split_validation(examples[:1], 0.2)
+
+
+def test_with_a_split_the_validation_loss_uses_only_the_held_out_images(tiny_bundle, vectors, demo_prepared, tmp_path):
+    from stages.train.dataset import load_examples, split_validation
+
+    write_run(tmp_path / "train", {2: vectors["sensible"]})
+    run = RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption", 0.25)
+    metrics = evaluate_run(tiny_bundle, run, SECTION, (64, 64), tmp_path / "evaluate")
+    held = split_validation(load_examples(demo_prepared / "latents", demo_prepared / "caption"), 0.25)[1]
+    assert metrics["validation_set"] == "held out" and metrics["validation_images"] == 2 == len(held)
+    assert "images that training never saw" in (tmp_path / "evaluate" / "index.html").read_text()

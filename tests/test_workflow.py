@@ -1,4 +1,5 @@
 """The Snakemake workflow on a tiny config in a temporary folder: what runs, what reruns, what it leaves."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ TINY = {
     "out_dir": "out",
     "preprocess": {"size": 64},
     "train": {"steps": 4, "save_every": 2, "learning_rate": 0.01},
-    "runs": {"demotok": {"init_text": "cat", "vectors": 2}},
+    "runs": {"demotok": {"init_text": "cat", "vectors": 2, "validation_split": 0.25}},
     "evaluate": {"prompts": ["a photo of [name]"], "seeds": [1], "steps": 2},
 }
 
@@ -45,6 +46,8 @@ def test_workflow_leaves_the_promised_files(finished_workflow):
                  "evaluate/demotok/checkpoints.png", "evaluate/demotok/best/demotok.safetensors",
                  "preprocess/manifest.csv", "preprocess/skipped.csv", "caption/captions.csv", "latents/manifest.csv"]:
         assert (out / name).is_file(), name
+    metrics = json.loads((out / "evaluate/demotok/metrics.json").read_text())
+    assert metrics["validation_set"] == "held out" and metrics["validation_images"] == 2  # the run's split reached evaluate
     grid = Image.open(out / "evaluate/demotok/grid.png")
     assert grid.width == 64 and grid.height > 64  # one seed, one prompt, plus its label
 

@@ -48,6 +48,7 @@ def train_params(config: dict, run: str) -> str:
 
 def evaluate_params(config: dict, run: str) -> str:
     run_section = run_settings(config, run)
-    # the template too: validation prompts are built as training built them
+    # template and split too: validation uses training's prompts and the images training held out
     return to_json({"model": config["model"], "evaluate": config["evaluate"], "size": config["preprocess"]["size"],
-                    "token": run_section["token"], "template": run_section["template"]})
+                    "token": run_section["token"], "template": run_section["template"],
+                    "validation_split": run_section["validation_split"]})

@@ -44,14 +44,14 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--settings needs {', '.join(missing)} too")
         size, out = _size(given.get("size", 512)), args.out
         run = RunToEvaluate(args.run, given.get("token", args.run), given.get("template", "captions"),
-                            args.train_dir, args.latents, args.captions)
+                            args.train_dir, args.latents, args.captions, given.get("validation_split", 0.0))
     else:
         config = load_full_config(args)
         root = Path(config["out_dir"])
         settings = run_settings(config, args.run)
         size, out = _size(config["preprocess"]["size"]), args.out or root / "evaluate" / args.run
         run = RunToEvaluate(args.run, settings["token"], settings["template"], args.train_dir or root / "train" / args.run,
-                            args.latents or root / "latents", args.captions or root / "caption")
+                            args.latents or root / "latents", args.captions or root / "caption", settings["validation_split"])
     from stages.common.models import load_model
     from stages.evaluate.report import evaluate_run
 

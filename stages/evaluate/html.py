@@ -25,6 +25,13 @@ def _format(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _validation_set(metrics: dict) -> str:
+    if metrics["validation_set"] == "held out":
+        return f'{metrics["validation_images"]} images that training never saw (train.validation_split)'
+    return (f'the {metrics["validation_images"]} training images: lower means a closer fit, not always a better picture '
+            "(set train.validation_split to hold images out)")
+
+
 def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_checkpoint_grid: bool) -> None:
     """Write the run's page; every picture and file it names is beside it in the evaluate folder."""
     run = escape(metrics["run"])
@@ -32,7 +39,7 @@ def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_chec
     change_text = f"{change * 100:+.1f}%" if change is not None else "–"
     summary = [
         ("trigger word", escape(metrics["token"])),
-        ("training images (with flips)", metrics["images"]),
+        ("validation images", f'{metrics["validation_images"]} ({escape(metrics["validation_set"])})'),
         ("final step", metrics["final_step"]),
         ("best step (lowest validation loss)", metrics["best_step"]),
         (f"validation loss at step {metrics['val_loss_first_step']} → best", f"{_format(metrics['val_loss_first'])} → "
@@ -62,7 +69,7 @@ def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_chec
 evaluate prompt, one column per seed.</figcaption></figure>
 {checkpoint_figure}
 <figure><img src="loss.png" alt="loss curves"><figcaption>Training loss per step, and each checkpoint's validation loss
-on the same {metrics["validation_samples"]} fixed (image, noise, timestep) triples.</figcaption></figure>
+on the same {metrics["validation_samples"]} fixed (image, noise, timestep) triples, drawn from {_validation_set(metrics)}.</figcaption></figure>
 <h2>Checkpoints</h2>
 <table><tr><th>step</th><th>validation loss</th><th>mean vector norm</th><th class="left">file</th></tr>
 {rows}

@@ -30,7 +30,7 @@ from stages.common.sampling import build_pipeline
 from stages.evaluate.grid import compose_grid, render_samples, spread_steps
 from stages.evaluate.html import write_report
 from stages.evaluate.validation import CheckpointModel, best_step, find_checkpoints, read_checkpoints, score_checkpoints
-from stages.train.dataset import load_examples
+from stages.train.dataset import load_examples, split_validation
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class RunToEvaluate:
     train_dir: Path
     latents_dir: Path
     captions_dir: Path
+    validation_split: float = 0.0  # train.validation_split: score on the images training held out
 
 
 def plot_loss(loss_csv: Path, validation: pd.DataFrame | None, target: Path) -> None:
@@ -77,7 +78,8 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     """Write every evaluate output for `run` into out_dir; return the metrics (also in metrics.json)."""
     checkpoints = find_checkpoints(run.train_dir, run.name)
     embeddings = read_checkpoints(bundle, checkpoints)
-    examples = load_examples(run.latents_dir, run.captions_dir)
+    trained_on, held_out = split_validation(load_examples(run.latents_dir, run.captions_dir), run.validation_split)
+    examples = held_out or trained_on  # the same split training made; without one, the training images
     model = CheckpointModel(bundle, embeddings[checkpoints[0].step], run.token, run.template, clip_skip)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -109,21 +111,23 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     else:
         (out_dir / "checkpoints.png").unlink(missing_ok=True)
 
-    metrics = _metrics(run, validation, best, final.step, len(examples), section, best_files, out_dir)
+    metrics = _metrics(run, validation, best, final.step, examples, bool(held_out), section, best_files, out_dir)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_report(out_dir / "index.html", metrics, validation, has_checkpoint_grid=bool(rows))
     return metrics
 
 
-def _metrics(run: RunToEvaluate, validation: pd.DataFrame, best: int, final_step: int, images: int, section: dict,
-             best_files: list[Path], out_dir: Path) -> dict:
+def _metrics(run: RunToEvaluate, validation: pd.DataFrame, best: int, final_step: int, examples: list, held_out: bool,
+             section: dict, best_files: list[Path], out_dir: Path) -> dict:
     loss_of = dict(zip(validation.step, validation.val_loss))
     first_step = int(validation.step.iloc[0])
     train_loss = _recent_training_loss(run.train_dir / "loss.csv")
     return {
         "run": run.name,
         "token": run.token,
-        "images": images,
+        "validation_images": len({e.image for e in examples}),
+        "validation_latents": len(examples),  # images times flips
+        "validation_set": "held out" if held_out else "training images",
         "checkpoints": len(validation),
         "final_step": final_step,
         "best_step": best,

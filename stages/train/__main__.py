@@ -54,7 +54,7 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 def main(args: argparse.Namespace) -> int:
     settings, model_section, paths = _settings_from_args(args)
     from stages.common.models import load_model
-    from stages.train.dataset import load_examples
+    from stages.train.dataset import load_examples, split_validation
     from stages.train.interrupt import TrainingInterrupted
     from stages.train.outputs import RunOutputs
     from stages.train.preview import make_previewer
@@ -65,7 +65,10 @@ def main(args: argparse.Namespace) -> int:
 
     train_settings = TrainSettings.from_section(settings, clip_skip=model_section["clip_skip"])
     bundle = load_model(model_section["path"], model_section["family"])
-    examples = load_examples(paths["latents"], paths["captions"])
+    examples, held_out = split_validation(load_examples(paths["latents"], paths["captions"]), train_settings.validation_split)
+    if held_out:
+        print(f"train: {args.run}: {len(held_out)} of {len(examples) + len(held_out)} latents held out for validation "
+              f"(validation_split {train_settings.validation_split}): {', '.join(sorted({e.image for e in held_out}))}")
     start_vectors, start_step = starting_point(train_settings, bundle)
     state_dir = paths["state"] / resume_key(settings, bundle.identity, paths["latents"] / "manifest.csv", paths["captions"] / "captions.csv")
     size = paths["size"] if isinstance(paths["size"], list) else [paths["size"]] * 2

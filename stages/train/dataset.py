@@ -1,6 +1,7 @@
 """Training examples: cached latent distributions paired with their captions, and their order."""
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ class LatentExample:
     mean: torch.Tensor  # [4, h, w], unscaled VAE output
     logvar: torch.Tensor
     caption: str
+    image_sha256: str = ""  # content hash of the preprocessed image: what the validation split is drawn by
 
 
 def load_examples(latents_dir: Path, captions_dir: Path) -> list[LatentExample]:
@@ -31,10 +33,30 @@ def load_examples(latents_dir: Path, captions_dir: Path) -> list[LatentExample]:
         if not latent_path.is_file():
             raise FileNotFoundError(f"{latent_path} (listed in {latents_dir / 'manifest.csv'}) is missing; rerun cache_latents")
         tensors = load_file(str(latent_path))
-        examples.append(LatentExample(record.image, tensors["mean"], tensors["logvar"], str(caption_of[record.image])))
+        examples.append(LatentExample(record.image, tensors["mean"], tensors["logvar"], str(caption_of[record.image]),
+                                      str(getattr(record, "image_sha256", ""))))
     if not examples:
         raise ValueError(f"{latents_dir / 'manifest.csv'} lists no latents; nothing to train on")
     return examples
+
+
+def split_validation(examples: list[LatentExample], fraction: float) -> tuple[list[LatentExample], list[LatentExample]]:
+    """(training, held out): `fraction` of the images, never trained on, for evaluate's validation loss.
+
+    The held-out images are those whose content hashes rank lowest, so the choice does not depend
+    on file order, and adding images moves few of them. An image and its mirrored copy stay
+    together. With fraction > 0, at least one image is held out and at least one is trained on.
+    """
+    if fraction <= 0:
+        return list(examples), []
+    images = sorted({e.image: e.image_sha256 or hashlib.sha256(e.image.encode()).hexdigest() for e in examples}.items(),
+                    key=lambda item: (item[1], item[0]))
+    if len(images) < 2:
+        raise ValueError(f"train.validation_split: {fraction} needs at least 2 images, but the dataset has {len(images)}; "
+                         "set validation_split: 0 or add images")
+    count = min(len(images) - 1, max(1, round(fraction * len(images))))
+    held_out = {name for name, _ in images[:count]}
+    return [e for e in examples if e.image not in held_out], [e for e in examples if e.image in held_out]
 
 
 def sample_latent(example: LatentExample, method: str, generator: torch.Generator, fixed: torch.Tensor | None = None) -> torch.Tensor:

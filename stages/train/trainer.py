@@ -53,6 +53,7 @@ class TrainSettings:
     save_every: int = 500
     seed: int = 0
     latent_sampling: str = "deterministic"
+    validation_split: float = 0.0  # fraction of images held out of training for evaluate's validation loss
     shuffle_tags: bool = False
     keep_tokens: int = 0
     tag_dropout: float = 0.0
