@@ -229,12 +229,46 @@ def test_lora_given_as_model_names_the_file(tmp_path):
         load_original_checkpoint(path)
 
 
-def test_sd2_and_sdxl_files_are_not_supported_yet(tmp_path):
-    for family, key in (("sd2", "cond_stage_model.model.token_embedding.weight"), ("sdxl", "conditioner.embedders.1.model.ln_final.weight")):
-        path = tmp_path / f"{family}.safetensors"
-        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), key: torch.zeros(1)}, path)
-        with pytest.raises(CheckpointError, match=f"{family} checkpoint: not supported yet"):
-            load_original_checkpoint(path)
+def test_sdxl_files_are_not_supported_yet(tmp_path):
+    path = tmp_path / "sdxl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="sdxl checkpoint: not supported yet"):
+        load_original_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sd2-v"])
+def test_sd2_round_trip_through_the_openclip_layout_is_bit_identical(name, tmp_path):
+    components = build_builtin_components(name, seed=5)
+    path = tmp_path / f"{name}.safetensors"
+    save_original_checkpoint(components, path, builtin_name=name)
+    state, _ = read_checkpoint_state_dict(path)
+    # the OpenCLIP layout real SD2 files have: fused q/k/v, resblocks, the unused projection
+    width = components["text_encoder"].config.hidden_size
+    assert state["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * width, width)
+    assert "cond_stage_model.model.text_projection" in state and "cond_stage_model.model.positional_embedding" in state
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in state)
+
+    loaded = load_original_checkpoint(path)
+    assert loaded["family"] == BUILTIN_MODELS[name].family
+    assert loaded["tokenizer"].pad_token == "!"  # OpenCLIP pads with "!", not with end-of-text
+    assert_same_weights(components, loaded)
+    ids = loaded["tokenizer"](["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded["text_encoder"](ids).last_hidden_state, components["text_encoder"](ids).last_hidden_state)
+
+
+def test_an_sd2_file_that_does_not_say_its_prediction_type_is_taken_as_v_with_a_warning(tmp_path, caplog):
+    components = build_builtin_components("tiny-sd2", seed=5)
+    noted = tmp_path / "noted.safetensors"
+    save_original_checkpoint(components, noted, builtin_name="tiny-sd2")
+    state, _ = read_checkpoint_state_dict(noted)
+    foreign = tmp_path / "downloaded.safetensors"
+    save_file(state, foreign)  # as from a model site: no tiflow metadata
+    loaded = load_original_checkpoint(foreign)
+    assert loaded["family"] == "sd2-v"
+    assert "Set model.family: sd2 for a 512-base model" in caplog.text
+    assert_same_weights(components, loaded)  # the shapes found the tiny architecture
+    assert load_original_checkpoint(foreign, family="sd2")["family"] == "sd2"
 
 
 def test_family_setting_that_contradicts_the_file(tiny_file):

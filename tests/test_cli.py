@@ -43,18 +43,21 @@ def test_a_refused_input_gives_one_line_and_a_failing_status(tmp_path):
     ]
 
 
-def test_export_model_writes_loadable_folder_and_single_file(tmp_path):
+@pytest.mark.parametrize("name, family, prediction", [("tiny-sd15", "sd1", "epsilon"), ("tiny-sd2-v", "sd2-v", "v_prediction")])
+def test_export_model_writes_loadable_folder_and_single_file(name, family, prediction, tmp_path):
     tiflow = Path(sys.executable).with_name("tiflow")
     command = [str(tiflow)] if tiflow.exists() else [sys.executable, "-m", "stages.cli"]
-    result = subprocess.run([*command, "export-model", "builtin:tiny-sd15", str(tmp_path / "tiny"), "--single-file", str(tmp_path / "tiny.safetensors")],
+    result = subprocess.run([*command, "export-model", f"builtin:{name}", str(tmp_path / "tiny"), "--single-file", str(tmp_path / "tiny.safetensors")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     from stages.common.models import load_model
 
-    builtin, folder, single = (load_model(p) for p in ("builtin:tiny-sd15", str(tmp_path / "tiny"), str(tmp_path / "tiny.safetensors")))
+    builtin, folder, single = (load_model(p) for p in (f"builtin:{name}", str(tmp_path / "tiny"), str(tmp_path / "tiny.safetensors")))
     assert (tmp_path / "tiny" / "model_index.json").is_file()
     for loaded in (folder, single):
-        assert loaded.family.name == "sd1" and len(loaded.tokenizer) == 49408
+        assert loaded.family.name == family and len(loaded.tokenizer) == 49408
+        assert loaded.scheduler.config.prediction_type == prediction
+        assert loaded.tokenizer.pad_token == builtin.tokenizer.pad_token
         for part in ("unet", "vae", "text_encoder"):
             expected, actual = getattr(builtin, part).state_dict(), getattr(loaded, part).state_dict()
             assert expected.keys() == actual.keys()

@@ -11,6 +11,7 @@ diffusers maintains for them. The two meet in the round-trip tests.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 from collections.abc import Iterable, Mapping
@@ -31,7 +32,10 @@ SDXL_TEXT_PREFIX = "conditioner.embedders."
 META_ARCHITECTURE = "tiflow_architecture"
 META_FAMILY = "tiflow_family"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-FULL_SIZE_SPEC = {"sd1": "sd15"}  # architecture assumed for files that don't name theirs
+FULL_SIZE_SPEC = {"sd1": "sd15", "sd2": "sd21"}  # architecture assumed for files that don't name theirs
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -158,13 +162,52 @@ def clip_to_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
+_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}
+_OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                 "embeddings.position_embedding.weight": "positional_embedding",
+                 "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_CLIP_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def openclip_to_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An SD2 text encoder (CLIPTextModel weights) as the OpenCLIP `cond_stage_model.model.*` keys.
+
+    OpenCLIP keeps q, k and v in one `in_proj` tensor; the projection and logit scale that SD never
+    uses are written as real files carry them (diffusers' loader skips both).
+    """
+    state = {key.removeprefix("text_model."): tensor for key, tensor in state.items() if not key.endswith("position_ids")}
+    out: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        if key in _OPENCLIP_TOP:
+            out[SD2_TEXT_PREFIX + _OPENCLIP_TOP[key]] = tensor
+            continue
+        match = _CLIP_LAYER_KEY.fullmatch(key)
+        if not match:
+            raise _no_mapping("text encoder", key)
+        layer, module, kind = match.groups()
+        prefix = f"{SD2_TEXT_PREFIX}transformer.resblocks.{layer}."
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            if module == "self_attn.q_proj":  # q, k, v stacked in that order, as OpenCLIP's attention stores them
+                parts = [state[f"encoder.layers.{layer}.self_attn.{name}.{kind}"] for name in ("q_proj", "k_proj", "v_proj")]
+                out[f"{prefix}attn.in_proj_{kind}"] = torch.cat(parts)
+            continue
+        if module not in _OPENCLIP_LAYER:
+            raise _no_mapping("text encoder", key)
+        out[f"{prefix}{_OPENCLIP_LAYER[module]}.{kind}"] = tensor
+    width = state["final_layer_norm.weight"].shape[0]
+    out[SD2_TEXT_PREFIX + "text_projection"] = torch.eye(width)
+    out[SD2_TEXT_PREFIX + "logit_scale"] = torch.tensor(4.6052)  # log(100), OpenCLIP's trained value
+    return out
+
+
 # ------------------------------------------------------------------------------------------ save
 
 
 def save_original_checkpoint(
     components: dict, path: Path, builtin_name: str | None = None, dtype: torch.dtype = torch.float32
 ) -> None:
-    """Write unet, vae and text_encoder as one original-layout SD1.x .safetensors file.
+    """Write unet, vae and text_encoder as one original-layout SD1.x or SD2.x .safetensors file.
 
     `builtin_name` goes into the file's metadata so that loading picks the same architecture.
     Floating-point tensors are stored as `dtype` (fp32, or fp16 for half-size files).
@@ -177,8 +220,8 @@ def save_original_checkpoint(
         if builtin_name not in BUILTIN_MODELS:
             raise CheckpointError(f"{path}: unknown builtin architecture {builtin_name!r}; available: {', '.join(BUILTIN_MODELS)}")
         family = BUILTIN_MODELS[builtin_name].family
-    if family != "sd1":
-        raise CheckpointError(f"{path}: saving {family} models as one file is not supported yet; only SD1.x")
+    if family not in TEXT_WRITERS:
+        raise CheckpointError(f"{path}: saving {family} models as one file is not supported yet; only SD1.x and SD2.x")
     missing = [name for name in ("unet", "vae", "text_encoder") if name not in components]
     if missing:
         raise CheckpointError(f"{path}: components lack {', '.join(missing)}; a single-file checkpoint holds unet, vae and text_encoder")
@@ -188,7 +231,7 @@ def save_original_checkpoint(
     for part in (
         unet_to_original(unet.state_dict(), unet.config.layers_per_block),
         vae_to_original(components["vae"].state_dict()),
-        clip_to_original(components["text_encoder"].state_dict()),
+        TEXT_WRITERS[family](components["text_encoder"].state_dict()),
     ):
         for key, tensor in part.items():
             tensor = tensor.detach().to("cpu")
@@ -202,6 +245,9 @@ def save_original_checkpoint(
 
     with atomic_path(path) as temp:
         save_file(tensors, str(temp), metadata=metadata)
+
+
+TEXT_WRITERS = {"sd1": clip_to_original, "sd2": openclip_to_original, "sd2-v": openclip_to_original}
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -312,7 +358,7 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
 
 
 def load_original_checkpoint(path: Path, family: str = "auto", dtype: torch.dtype | None = torch.float32) -> dict:
-    """Load an original-layout SD1.x single file offline into diffusers/transformers components.
+    """Load an original-layout SD1.x or SD2.x single file offline into diffusers/transformers components.
 
     Returns build_builtin_components' dict (tokenizer, text_encoder, unet, vae, scheduler) plus
     "family". The architecture is the one the file's metadata names, else the family's full-size
@@ -328,31 +374,46 @@ def load_original_checkpoint(path: Path, family: str = "auto", dtype: torch.dtyp
         get_family(family)  # rejects unknown names with the list of allowed ones
         if family.split("-")[0] != detected:  # sd2-v files carry sd2 keys
             raise CheckpointError(f"{path}: the model family is set to {family!r} but the file's keys are those of {detected}; set it to {detected!r} or 'auto'")
-    if detected != "sd1":
+    if detected not in FULL_SIZE_SPEC:
         raise CheckpointError(
-            f"{path} is a {detected} checkpoint: not supported yet: only SD1.x single files load in this version; "
+            f"{path} is a {detected} checkpoint: not supported yet: only SD1.x and SD2.x single files load in this version; "
             f"use the model as a diffusers folder instead"
         )
     if not any(k.startswith(UNET_PREFIX) for k in state) or not any(k.startswith(VAE_PREFIX) for k in state):
         raise CheckpointError(f"{path} lacks the UNet (model.diffusion_model.*) or the VAE (first_stage_model.*); it is not a full checkpoint")
 
     named = metadata.get(META_ARCHITECTURE)
-    if named in BUILTIN_MODELS and BUILTIN_MODELS[named].family == detected:
+    if named in BUILTIN_MODELS and BUILTIN_MODELS[named].family.split("-")[0] == detected:
         candidates = [named]
     else:  # the usual case for downloaded files: assume full size, then try the smaller builtins
         full = FULL_SIZE_SPEC[detected]
-        candidates = [full] + [n for n, s in BUILTIN_MODELS.items() if s.family == detected and n != full]
+        candidates = [full] + [n for n, s in BUILTIN_MODELS.items() if s.family.split("-")[0] == detected and n != full]
     first_problem = None
     for name in candidates:
         models, problems = _convert_onto(state, BUILTIN_MODELS[name], dtype)
         if not problems:
-            return _finish(models, BUILTIN_MODELS[name], detected)
+            return _finish(models, BUILTIN_MODELS[name], _file_family(path, detected, metadata, family))
         first_problem = first_problem or (name, problems)
     name, problems = first_problem
     raise CheckpointError(
         f"{path} does not match the {name} architecture ({BUILTIN_MODELS[name].description}): "
         f"{'; '.join(problems)}. Variants with other shapes (inpainting, other widths) are not supported"
     )
+
+
+def _file_family(path: Path, detected: str, metadata: dict[str, str], asked: str) -> str:
+    """sd1, sd2 or sd2-v. SD2's epsilon and v-prediction weights look alike, so the file's own note,
+    or model.family, decides; a file with neither is taken as 768-v, the SD 2.x most fine-tunes use."""
+    if detected != "sd2":
+        return detected
+    if asked != "auto":
+        return asked
+    noted = metadata.get(META_FAMILY)
+    if noted in ("sd2", "sd2-v"):
+        return noted
+    log.warning("%s: an SD2.x file does not say whether it predicts v (768-v models) or noise (512-base models); "
+                "assuming v-prediction. Set model.family: sd2 for a 512-base model", path)
+    return "sd2-v"
 
 
 def _convert_onto(state: dict[str, Tensor], spec: BuiltinSpec, dtype: torch.dtype | None) -> tuple[dict, list[str]]:
@@ -362,7 +423,12 @@ def _convert_onto(state: dict[str, Tensor], spec: BuiltinSpec, dtype: torch.dtyp
     `load_state_dict(assign=True)` then makes the checkpoint's tensors their parameters.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
@@ -371,13 +437,16 @@ def _convert_onto(state: dict[str, Tensor], spec: BuiltinSpec, dtype: torch.dtyp
             "vae": AutoencoderKL(**spec.vae),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**spec.text_encoder)),
         }
-    text = convert_ldm_clip_checkpoint(state)  # keys 'text_model.*' (the pre-5.6 transformers layout)
+    if any(k.startswith(SD2_TEXT_PREFIX) for k in state):
+        text = convert_open_clip_checkpoint(models["text_encoder"], state)
+    else:
+        text = convert_ldm_clip_checkpoint(state)  # keys 'text_model.*' (the pre-5.6 transformers layout)
     if not hasattr(models["text_encoder"], "text_model"):
         text = {k.removeprefix("text_model."): v for k, v in text.items()}
     converted = {
         "unet": convert_ldm_unet_checkpoint(state, dict(spec.unet)),
         "vae": convert_ldm_vae_checkpoint(state, dict(spec.vae)),
-        "text_encoder": {k: v for k, v in text.items() if not k.endswith("position_ids")},
+        "text_encoder": {k: v for k, v in text.items() if not k.endswith("position_ids") and k != "text_projection.weight"},
     }
     problems = []
     for part, model in models.items():
@@ -413,7 +482,7 @@ def _finish(models: dict, spec: BuiltinSpec, family: str) -> dict:
             raise RuntimeError(f"{part} tensors left unloaded on the meta device: {', '.join(left[:5])}")
         model.eval()
     return {
-        "tokenizer": build_clip_tokenizer(),
+        "tokenizer": build_clip_tokenizer(pad_token=spec.pad_token),
         "text_encoder": text_encoder,
         "unet": models["unet"],
         "vae": models["vae"],
