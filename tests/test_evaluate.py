@@ -28,8 +28,9 @@ def write_run(train_dir, vectors_by_step: dict[int, torch.Tensor]) -> None:
     pd.DataFrame({"step": range(1, steps[-1] + 1), "loss": 1.0, "lr": 0.005, "images_per_s": 1.0}).to_csv(train_dir / "loss.csv", index=False)
 
 
-def run_of(tmp_path, demo_prepared) -> RunToEvaluate:
-    return RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption")
+def run_of(tmp_path, demo_prepared, init_text: str = "*") -> RunToEvaluate:
+    return RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption",
+                         init_text=init_text)
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_every_checkpoint_is_scored_on_the_same_noise_and_the_best_is_copied(tin
     metrics = evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared), SECTION, (64, 64), out)
 
     table = pd.read_csv(out / "val_loss.csv")
-    assert table.step.tolist() == [2, 4, 6]
+    assert table.step.tolist() == [0, 2, 4, 6] and table.file[0] == "start: init_text '*'"  # the zero vectors it began from
     loss = dict(zip(table.step, table.val_loss))
     assert loss[2] == loss[6]  # same vectors, same fixed noise and timesteps: the same number
     assert loss[4] != loss[2]  # the vectors do change it
@@ -57,7 +58,7 @@ def test_every_checkpoint_is_scored_on_the_same_noise_and_the_best_is_copied(tin
     best = read_embedding(out / "best" / f"{RUN}.safetensors")
     assert torch.equal(best.vectors["emb_params"], vectors["sensible" if expected_best == 2 else "wild"])
     assert read_embedding(out / "best" / f"{RUN}.pt").step == expected_best
-    assert table.vector_norm[1] > 10 * table.vector_norm[0]
+    assert table.vector_norm[0] == 0 and table.vector_norm[2] > 10 * table.vector_norm[1]
 
     # rerunning (a new process, so a fresh model) gives the same validation losses: the probe is seeded
     again = evaluate_run(load_model("builtin:tiny-sd15"), run_of(tmp_path, demo_prepared), SECTION, (64, 64), tmp_path / "again")
@@ -73,7 +74,7 @@ def test_the_report_has_the_grids_the_curve_and_every_checkpoint(tiny_bundle, ve
     grid = Image.open(out / "grid.png")
     assert grid.size == (2 * 64, 2 * (64 + 18))  # 2 seeds × 2 prompts, each row with its label
     checkpoints = Image.open(out / "checkpoints.png")
-    assert checkpoints.size == (2 * 64, 3 * (64 + 18))  # 3 of the 5 checkpoints
+    assert checkpoints.size == (2 * 64, 4 * (64 + 18))  # the start, then 3 of the 5 checkpoints
     assert Image.open(out / "loss.png").size[0] > 300
     page = (out / "index.html").read_text()
     for step in (2, 4, 6, 8, 10):
@@ -103,11 +104,26 @@ def test_spread_steps_keeps_first_last_and_best():
     assert spread_steps(steps, 0, must_include=500) == []
 
 
-def test_best_step_prefers_the_earlier_of_equal_losses_and_skips_nan():
-    table = pd.DataFrame({"step": [5, 10, 15], "val_loss": [float("nan"), 0.5, 0.5]})
+def test_best_step_prefers_the_earlier_of_equal_losses_and_skips_nan_and_the_start():
+    files = ["start: init_text 'cat'", "steps/a-5.safetensors", "steps/a-10.safetensors", "a.safetensors"]
+    table = pd.DataFrame({"step": [0, 5, 10, 15], "val_loss": [0.1, float("nan"), 0.5, 0.5], "file": files})
     assert best_step(table) == 10
     with pytest.raises(ValueError, match="no checkpoint has a finite validation loss"):
-        best_step(pd.DataFrame({"step": [5], "val_loss": [float("nan")]}))
+        best_step(pd.DataFrame({"step": [5], "val_loss": [float("nan")], "file": ["a.safetensors"]}))
+
+
+def test_the_start_is_scored_as_a_baseline_and_a_run_that_never_beats_it_is_flagged(tiny_bundle, vectors, demo_prepared, tmp_path):
+    # init_text "toy toy" starts from exactly the "sensible" vectors; the run only made them wild
+    write_run(tmp_path / "train", {2: vectors["wild"], 4: vectors["wild"].clone()})
+    out = tmp_path / "evaluate"
+    metrics = evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared, init_text="toy"), SECTION, (64, 64), out)
+    table = pd.read_csv(out / "val_loss.csv")
+    assert table.file[0] == "start: init_text 'toy'" and table.vector_norm[0] == pytest.approx(float(vectors["sensible"].norm(dim=1).mean()))
+    # the start is never the pick: it is not a trained embedding
+    assert metrics["val_loss_start"] == pytest.approx(table.val_loss[0], abs=1e-6)
+    assert table.val_loss[1] == table.val_loss[2] > table.val_loss[0]  # the wild vectors fit worse than the start
+    assert metrics["beats_start"] is False and metrics["best_step"] == 2  # the earlier of the tie
+    assert "No saved checkpoint scores better than the vectors training started from" in (out / "index.html").read_text()
 
 
 def test_bad_run_folders_get_errors_naming_the_file(tiny_bundle, vectors, demo_prepared, tmp_path):

@@ -48,7 +48,8 @@ def train_params(config: dict, run: str) -> str:
 
 def evaluate_params(config: dict, run: str) -> str:
     run_section = run_settings(config, run)
-    # template and split too: validation uses training's prompts and the images training held out
+    # template, split and start too: validation uses training's prompts, its held-out images and its starting vectors
     return to_json({"model": config["model"], "evaluate": config["evaluate"], "size": config["preprocess"]["size"],
                     "token": run_section["token"], "template": run_section["template"],
-                    "validation_split": run_section["validation_split"]})
+                    "validation_split": run_section["validation_split"], "init_text": run_section["init_text"],
+                    "init_from": run_section.get("init_from")})

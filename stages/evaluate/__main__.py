@@ -44,14 +44,16 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--settings needs {', '.join(missing)} too")
         size, out = _size(given.get("size", 512)), args.out
         run = RunToEvaluate(args.run, given.get("token", args.run), given.get("template", "captions"),
-                            args.train_dir, args.latents, args.captions, given.get("validation_split", 0.0))
+                            args.train_dir, args.latents, args.captions, given.get("validation_split", 0.0),
+                            given.get("init_text", "*"), given.get("init_from"))
     else:
         config = load_full_config(args)
         root = Path(config["out_dir"])
         settings = run_settings(config, args.run)
         size, out = _size(config["preprocess"]["size"]), args.out or root / "evaluate" / args.run
         run = RunToEvaluate(args.run, settings["token"], settings["template"], args.train_dir or root / "train" / args.run,
-                            args.latents or root / "latents", args.captions or root / "caption", settings["validation_split"])
+                            args.latents or root / "latents", args.captions or root / "caption", settings["validation_split"],
+                            settings["init_text"], settings.get("init_from"))
     from stages.common.models import load_model
     from stages.evaluate.report import evaluate_run
 
@@ -60,8 +62,9 @@ def main(args: argparse.Namespace) -> int:
     metrics = evaluate_run(bundle, run, config["evaluate"], size, out, clip_skip=model["clip_skip"],
                            progress=lambda items: tqdm(items, desc=f"evaluate {args.run}: validation loss", unit="checkpoint"))
     print(f"evaluate {args.run}: best step {metrics['best_step']} of {metrics['final_step']} "
-          f"(validation loss {metrics['val_loss_first']} at step {metrics['val_loss_first_step']} → {metrics['val_loss_best']}); "
-          f"report: {out / 'index.html'}")
+          f"(validation loss {metrics['val_loss_start']} at the start → {metrics['val_loss_best']}); report: {out / 'index.html'}")
+    if not metrics["beats_start"]:
+        print(f"evaluate {args.run}: warning: no saved checkpoint beats the starting vectors; see the report", file=sys.stderr)
     return 0
 
 

@@ -14,7 +14,12 @@ h1 { margin-bottom: 0.2em; } .sub { color: #666; margin-top: 0; }
 table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }
 th { background: #f4f4f4; } td.left, th.left { text-align: left; } tr.best { background: #e6f4e6; font-weight: bold; }
 img { max-width: 100%; border: 1px solid #ccc; } figure { margin: 1.5em 0; } figcaption { color: #555; }
+.warn { background: #fff3cd; border: 1px solid #e0c36a; padding: 8px 12px; }
 """
+
+
+WARNING = ('<p class="warn">No saved checkpoint scores better than the vectors training started from. '
+           "Lower train.learning_rate, check the captions (tiflow prompts shows them), or train longer.</p>")
 
 
 def _format(value, digits: int = 4) -> str:
@@ -35,21 +40,22 @@ def _validation_set(metrics: dict) -> str:
 def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_checkpoint_grid: bool) -> None:
     """Write the run's page; every picture and file it names is beside it in the evaluate folder."""
     run = escape(metrics["run"])
-    change = metrics.get("val_loss_best_vs_first")
+    change = metrics.get("val_loss_best_vs_start")
     change_text = f"{change * 100:+.1f}%" if change is not None else "–"
     summary = [
         ("trigger word", escape(metrics["token"])),
         ("validation images", f'{metrics["validation_images"]} ({escape(metrics["validation_set"])})'),
         ("final step", metrics["final_step"]),
         ("best step (lowest validation loss)", metrics["best_step"]),
-        (f"validation loss at step {metrics['val_loss_first_step']} → best", f"{_format(metrics['val_loss_first'])} → "
-         f"{_format(metrics['val_loss_best'])} ({change_text})"),
+        ("validation loss: start → best", f"{_format(metrics['val_loss_start'])} → {_format(metrics['val_loss_best'])} ({change_text})"),
+        ("started from", escape(metrics["start"])),
         ("validation loss, final", _format(metrics["val_loss_final"])),
         ("mean vector norm, final", _format(metrics["vector_norm_final"])),
         ("training loss, mean of the last 10% of steps", _format(metrics["train_loss_last_10pct_mean"])),
     ]
     rows = "\n".join(
-        f'<tr class="{"best" if int(r.step) == metrics["best_step"] else ""}"><td>{int(r.step)}</td><td>{_format(r.val_loss)}</td>'
+        f'<tr class="{"best" if int(r.step) == metrics["best_step"] and not str(r.file).startswith("start:") else ""}">'
+        f'<td>{int(r.step)}</td><td>{_format(r.val_loss)}</td>'
         f'<td>{_format(r.vector_norm)}</td><td class="left">{escape(Path(r.file).name)}</td></tr>'
         for r in validation.itertuples()
     )
@@ -65,6 +71,7 @@ def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_chec
 <h1>{run}</h1>
 <p class="sub">Textual Inversion run evaluated by tiflow. Best checkpoint: {best_links}</p>
 <table>{"".join(f'<tr><th class="left">{escape(k)}</th><td>{v}</td></tr>' for k, v in summary)}</table>
+{"" if metrics["beats_start"] else WARNING}
 <figure><img src="grid.png" alt="samples with the final embedding"><figcaption>The final embedding: one row per
 evaluate prompt, one column per seed.</figcaption></figure>
 {checkpoint_figure}

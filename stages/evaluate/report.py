@@ -2,8 +2,8 @@
 
 Writes into the run's evaluate folder:
   grid.png         prompts × seeds with the final embedding
-  checkpoints.png  the first prompt × seeds for a few checkpoints side by side (the best one marked)
-  val_loss.csv     step, val_loss, vector_norm, file: every saved checkpoint on the same fixed noise
+  checkpoints.png  the first prompt × seeds for the start and a few checkpoints side by side (the best one marked)
+  val_loss.csv     step, val_loss, vector_norm, file: the start and every saved checkpoint on the same fixed noise
   loss.png         the training loss curve with the validation losses on it
   best/{run}.safetensors, best/{run}.pt   the checkpoint with the lowest validation loss, named as the run
   metrics.json     the numbers above in one place
@@ -29,7 +29,14 @@ from stages.common.models import ModelBundle
 from stages.common.sampling import build_pipeline
 from stages.evaluate.grid import compose_grid, render_samples, spread_steps
 from stages.evaluate.html import write_report
-from stages.evaluate.validation import CheckpointModel, best_step, find_checkpoints, read_checkpoints, score_checkpoints
+from stages.evaluate.validation import (
+    CheckpointModel,
+    best_step,
+    find_checkpoints,
+    read_checkpoints,
+    score_checkpoints,
+    starting_checkpoint,
+)
 from stages.train.dataset import load_examples, split_validation
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,8 @@ class RunToEvaluate:
     latents_dir: Path
     captions_dir: Path
     validation_split: float = 0.0  # train.validation_split: score on the images training held out
+    init_text: str = "*"  # where training started, scored as the baseline row
+    init_from: str | None = None
 
 
 def plot_loss(loss_csv: Path, validation: pd.DataFrame | None, target: Path) -> None:
@@ -76,14 +85,17 @@ def save_png(image, target: Path) -> None:
 def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: tuple[int, int], out_dir: Path,
                  clip_skip: int = 1, progress=None) -> dict:
     """Write every evaluate output for `run` into out_dir; return the metrics (also in metrics.json)."""
-    checkpoints = find_checkpoints(run.train_dir, run.name)
-    embeddings = read_checkpoints(bundle, checkpoints)
+    saved = find_checkpoints(run.train_dir, run.name)
+    embeddings = read_checkpoints(bundle, saved)
+    vectors = embeddings[saved[0].step].vector_count
+    start, start_embedding = starting_checkpoint(bundle, run.init_text, run.init_from, vectors)  # before the token exists
     trained_on, held_out = split_validation(load_examples(run.latents_dir, run.captions_dir), run.validation_split)
     examples = held_out or trained_on  # the same split training made; without one, the training images
-    model = CheckpointModel(bundle, embeddings[checkpoints[0].step], run.token, run.template, clip_skip)
+    model = CheckpointModel(bundle, embeddings[saved[0].step], run.token, run.template, clip_skip)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    validation = score_checkpoints(model, examples, checkpoints, embeddings, bundle.scheduler.config.num_train_timesteps,
+    scored = [(start, start_embedding)] + [(c, embeddings[c.step]) for c in saved]
+    validation = score_checkpoints(model, examples, scored, bundle.scheduler.config.num_train_timesteps,
                                    section["validation_samples"], section["validation_seed"], progress)
     write_csv_atomic(out_dir / "val_loss.csv", validation)
     best = best_step(validation)
@@ -94,18 +106,18 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     prompts = [p.replace("[name]", run.token) for p in section["prompts"]]
     seeds, render = section["seeds"], (size, section["steps"], section["guidance_scale"])
     negative = model.context([""])
-    final = checkpoints[-1]
-    model.use(embeddings[final.step], final.path)
+    final = saved[-1]
+    model.use(embeddings[final.step], final.source)
     rows = render_samples(pipeline, [model.context([p]) for p in prompts], negative, seeds, *render)
     save_png(compose_grid(rows, prompts, seeds), out_dir / "grid.png")
 
-    shown = spread_steps([c.step for c in checkpoints], section["checkpoint_grid"], best)
-    path_of = {c.step: c.path for c in checkpoints}
+    shown = spread_steps([c.step for c in saved], section["checkpoint_grid"], best)
     rows, labels = [], []
-    for step in shown:
-        model.use(embeddings[step], path_of[step])
+    for label, embedding in ([("start", start_embedding)] if shown else []) + [
+            (f"step {step}{' (best)' if step == best else ''}", embeddings[step]) for step in shown]:  # short: cells can be 64 px
+        model.use(embedding, label)
         rows += render_samples(pipeline, [model.context(prompts[:1])], negative, seeds, *render)
-        labels.append(f"step {step}{' (best)' if step == best else ''}")  # short: cells can be 64 px wide
+        labels.append(label)
     if rows:
         save_png(compose_grid(rows, labels, seeds), out_dir / "checkpoints.png")
     else:
@@ -119,25 +131,27 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
 
 def _metrics(run: RunToEvaluate, validation: pd.DataFrame, best: int, final_step: int, examples: list, held_out: bool,
              section: dict, best_files: list[Path], out_dir: Path) -> dict:
-    loss_of = dict(zip(validation.step, validation.val_loss))
-    first_step = int(validation.step.iloc[0])
-    train_loss = _recent_training_loss(run.train_dir / "loss.csv")
+    is_start = validation.file.astype(str).str.startswith("start:")
+    start_loss = float(validation[is_start].val_loss.iloc[0])
+    trained = validation[~is_start]
+    loss_of = dict(zip(trained.step, trained.val_loss))
     return {
         "run": run.name,
         "token": run.token,
         "validation_images": len({e.image for e in examples}),
         "validation_latents": len(examples),  # images times flips
         "validation_set": "held out" if held_out else "training images",
-        "checkpoints": len(validation),
+        "checkpoints": len(trained),
         "final_step": final_step,
         "best_step": best,
-        "val_loss_first": _number(loss_of[first_step]),
-        "val_loss_first_step": first_step,
+        "start": str(validation[is_start].file.iloc[0]).removeprefix("start: "),
+        "val_loss_start": _number(start_loss),
         "val_loss_best": _number(loss_of[best]),
         "val_loss_final": _number(loss_of[final_step]),
-        "val_loss_best_vs_first": _number(loss_of[best] / loss_of[first_step] - 1) if loss_of[first_step] else None,
-        "vector_norm_final": _number(validation.vector_norm.iloc[-1]),
-        "train_loss_last_10pct_mean": train_loss,
+        "val_loss_best_vs_start": _number(loss_of[best] / start_loss - 1) if start_loss else None,
+        "beats_start": bool(loss_of[best] < start_loss),
+        "vector_norm_final": _number(trained.vector_norm.iloc[-1]),
+        "train_loss_last_10pct_mean": _recent_training_loss(run.train_dir / "loss.csv"),
         "validation_samples": section["validation_samples"],
         "best_files": [str(p.relative_to(out_dir)) for p in best_files],
     }

@@ -19,6 +19,7 @@ from stages.common.embedding import Embedding, EmbeddingError
 from stages.common.embedding_read import read_embedding, read_embedding_for_model
 from stages.common.models import ModelBundle
 from stages.common.prompts import build_prompt, load_template
+from stages.common.tokens import initial_vectors
 from stages.train.dataset import LatentExample
 from stages.train.trainer import TextualInversion, TrainSettings, pick_device, prepare_modules
 
@@ -30,7 +31,30 @@ VAL_LOSS_COLUMNS = ["step", "val_loss", "vector_norm", "file"]
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
-    path: Path
+    path: Path | None  # None for the start, which training never saved
+    label: str = ""  # what val_loss.csv's `file` column says; the path when empty
+
+    @property
+    def source(self) -> str:
+        return self.label or str(self.path)
+
+    @property
+    def is_start(self) -> bool:
+        return self.path is None
+
+
+def starting_checkpoint(bundle: ModelBundle, init_text: str, init_from: str | None, vectors: int) -> tuple[Checkpoint, Embedding]:
+    """The vectors training started from (init_from's, or init_text's words), to score as the baseline.
+
+    Call before anything installs the run's token: init_text is looked up in the model's own vocabulary.
+    """
+    if init_from:
+        embedding = read_embedding_for_model(init_from, bundle.family, (bundle.text_width,))
+        return Checkpoint(embedding.step, None, f"start: init_from {init_from}"), embedding
+    weight = bundle.text_encoder.get_input_embeddings().weight.detach()
+    start = initial_vectors(bundle.tokenizer, weight, init_text, vectors)
+    embedding = Embedding.from_tensors("start", bundle.family, [start], step=0)
+    return Checkpoint(0, None, f"start: init_text {init_text!r}"), embedding
 
 
 def find_checkpoints(train_dir: Path, run: str) -> list[Checkpoint]:
@@ -87,7 +111,7 @@ class CheckpointModel:
         self.model.vectors.data = self.model.vectors.data.to(device=self.device, dtype=torch.float32)
         self.token, self.template = token, load_template(template)
 
-    def use(self, embedding: Embedding, source: Path) -> None:
+    def use(self, embedding: Embedding, source: str) -> None:
         vectors = embedding.vectors[self.key]
         if vectors.shape != self.model.vectors.shape:
             raise EmbeddingError(f"{source}: {vectors.shape[0]} vectors, but the run's first checkpoint has "
@@ -105,28 +129,26 @@ class CheckpointModel:
 
 def read_checkpoints(bundle: ModelBundle, checkpoints: list[Checkpoint]) -> dict[int, Embedding]:
     """Every checkpoint's embedding by step, each checked against the model's text width."""
-    return {c.step: read_embedding_for_model(c.path, bundle.family, (bundle.text_width,)) for c in checkpoints}
+    return {c.step: read_embedding_for_model(c.path, bundle.family, (bundle.text_width,)) for c in checkpoints if c.path}
 
 
 def score_checkpoints(
     model: CheckpointModel,
     examples: list[LatentExample],
-    checkpoints: list[Checkpoint],
-    embeddings: dict[int, Embedding],
+    scored: list[tuple[Checkpoint, Embedding]],
     num_timesteps: int,
     samples: int = 32,
     seed: int = 0,
     progress=None,
 ) -> pd.DataFrame:
-    """val_loss.csv's table: one row per checkpoint, by step, all on the same ValidationProbe."""
+    """val_loss.csv's table: one row per (checkpoint, embedding), in the order given, all on the same ValidationProbe."""
     prompts = [model.training_prompt(e.caption) for e in examples]
     probe = ValidationProbe.build(examples, samples, seed, num_timesteps)
     rows = []
-    for checkpoint in (progress(checkpoints) if progress else checkpoints):
-        embedding = embeddings[checkpoint.step]
-        model.use(embedding, checkpoint.path)
+    for checkpoint, embedding in (progress(scored) if progress else scored):
+        model.use(embedding, checkpoint.source)
         rows.append({"step": checkpoint.step, "val_loss": _probe_loss(model.model, examples, prompts, probe, model.device),
-                     "vector_norm": float(embedding.vectors[model.key].norm(dim=1).mean()), "file": str(checkpoint.path)})
+                     "vector_norm": float(embedding.vectors[model.key].norm(dim=1).mean()), "file": checkpoint.source})
     return pd.DataFrame(rows, columns=VAL_LOSS_COLUMNS)
 
 
@@ -141,8 +163,11 @@ def _probe_loss(model: TextualInversion, examples: list[LatentExample], prompts:
 
 
 def best_step(table: pd.DataFrame) -> int:
-    """The checkpoint with the lowest validation loss; the earlier one on a tie (fewer steps, less overfit)."""
-    finite = table[table.val_loss.notna()]
+    """The saved checkpoint with the lowest validation loss; the earlier one on a tie (fewer steps, less overfit).
+
+    The start row (file "start: ...") is a baseline, never the pick: it is not a trained embedding.
+    """
+    finite = table[table.val_loss.notna() & ~table.file.astype(str).str.startswith("start:")]
     if finite.empty:
         raise ValueError("no checkpoint has a finite validation loss; check the train stage's log for NaN steps")
     return int(finite.sort_values(["val_loss", "step"]).iloc[0].step)
