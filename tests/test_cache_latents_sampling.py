@@ -117,3 +117,17 @@ def test_a_nan_that_survives_fp32_is_reported_by_name_and_never_cached(vae, tmp_
     fixed = cache_latents(pre, tmp_path / "lat", tmp_path / "store", broken, "v", settings=CacheSettings(device="cpu", dtype="fp16"))
     assert (fixed.encoded, fixed.reused) == (1, 2)
     assert len(pd.read_csv(tmp_path / "lat" / "manifest.csv")) == 3
+
+
+def test_training_examples_read_their_latents_from_the_cache_file_instead_of_holding_them(demo_prepared):
+    from stages.train.dataset import load_examples, once_sample
+
+    examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
+    first = examples[0]
+    assert first._mean is None and first._logvar is None  # nothing held: memory does not grow with the dataset
+    stored = load_file(str(first.latent_file))
+    assert torch.equal(first.mean, stored["mean"]) and torch.equal(first.logvar, stored["logvar"])
+    # `once` without storing: the same sample for an image at every step (and after a resume), another per image
+    assert torch.equal(once_sample(first, 0, seed=2), once_sample(first, 0, seed=2))
+    assert not torch.allclose(once_sample(first, 0, seed=2), first.mean)
+    assert not torch.allclose(once_sample(first, 0, seed=2) - first.mean, once_sample(examples[1], 1, seed=2) - examples[1].mean)

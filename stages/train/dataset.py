@@ -3,21 +3,42 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 
-@dataclass
 class LatentExample:
-    image: str
-    mean: torch.Tensor  # [4, h, w], unscaled VAE output
-    logvar: torch.Tensor
-    caption: str
-    image_sha256: str = ""  # content hash of the preprocessed image: what the validation split is drawn by
+    """One training latent: its image, caption and VAE distribution (unscaled mean and logvar, [4, h, w]).
+
+    Built from a cache file, it reads the tensors from that file on each use instead of holding
+    them, so a 10,000-image dataset costs the trainer no more memory than ten (the page cache
+    keeps the reads cheap). Built from tensors, it holds them.
+    """
+
+    def __init__(self, image: str, mean: torch.Tensor | None = None, logvar: torch.Tensor | None = None, caption: str = "",
+                 image_sha256: str = "", latent_file: Path | None = None):
+        if (mean is None or logvar is None) and latent_file is None:
+            raise ValueError(f"{image}: a latent example needs mean and logvar, or the cache file that holds them")
+        self.image, self.caption, self.image_sha256, self.latent_file = image, caption, image_sha256, latent_file
+        self._mean, self._logvar = mean, logvar
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._mean if self._mean is not None else self._read("mean")
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return self._logvar if self._logvar is not None else self._read("logvar")
+
+    def _read(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.latent_file), framework="pt") as entry:
+            return entry.get_tensor(name)
+
+    def __repr__(self) -> str:
+        return f"LatentExample({self.image!r}, caption={self.caption!r}, latent_file={self.latent_file})"
 
 
 def load_examples(latents_dir: Path, captions_dir: Path) -> list[LatentExample]:
@@ -32,9 +53,8 @@ def load_examples(latents_dir: Path, captions_dir: Path) -> list[LatentExample]:
         latent_path = latents_dir / record.latent_file
         if not latent_path.is_file():
             raise FileNotFoundError(f"{latent_path} (listed in {latents_dir / 'manifest.csv'}) is missing; rerun cache_latents")
-        tensors = load_file(str(latent_path))
-        examples.append(LatentExample(record.image, tensors["mean"], tensors["logvar"], str(caption_of[record.image]),
-                                      str(getattr(record, "image_sha256", ""))))
+        examples.append(LatentExample(record.image, caption=str(caption_of[record.image]),
+                                      image_sha256=str(getattr(record, "image_sha256", "")), latent_file=latent_path))
     if not examples:
         raise ValueError(f"{latents_dir / 'manifest.csv'} lists no latents; nothing to train on")
     return examples
@@ -67,6 +87,12 @@ def sample_latent(example: LatentExample, method: str, generator: torch.Generato
         return fixed
     eps = torch.randn(example.mean.shape, generator=generator)  # eps ~ N(0, I)
     return example.mean + torch.exp(0.5 * example.logvar) * eps  # z = mu + sigma * eps
+
+
+def once_sample(example: LatentExample, index: int, seed: int) -> torch.Tensor:
+    """AUTOMATIC1111's `once`: one sample per image for the whole run, drawn from a seed per image
+    instead of being stored, so it is the same at every step and after a resume, at no memory cost."""
+    return sample_latent(example, "random", torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
 class ExampleOrder:

@@ -22,7 +22,7 @@ from stages.common.tokens import (
     install_trainable_embedding,
     tokenize_prompts,
 )
-from stages.train.dataset import ExampleOrder, LatentExample, sample_latent
+from stages.train.dataset import ExampleOrder, LatentExample, once_sample, sample_latent
 from stages.train.interrupt import TrainingInterrupted, stop_on_signals
 from stages.train.optim import LearningRate, build_optimizer
 from stages.train.outputs import RunOutputs
@@ -201,8 +201,6 @@ class Trainer:
         self.order = ExampleOrder(len(examples), settings.repeats, settings.seed)
         self.generator = torch.Generator().manual_seed(settings.seed)  # noise and timesteps
         self.caption_rng = random.Random(settings.seed + 1)  # templates and caption augmentation
-        once = torch.Generator().manual_seed(settings.seed + 2)
-        self.once_latents = [sample_latent(e, "random", once) for e in examples] if settings.latent_sampling == "once" else None
         self.step, self.base_step, self.skipped, self.log_rows = 0, start_step, 0, []
         self.probe = fixed_probe(examples, min(16, 2 * len(examples)), settings.seed + 3, bundle.scheduler.config.num_train_timesteps)
         self.probe_prompts = [build_prompt(self.template[0] if self.template else None, e.caption, settings.token) for e in examples]
@@ -238,7 +236,8 @@ class Trainer:
     def _batch(self) -> tuple[torch.Tensor, list[str]]:
         indices = self.order.take(self.settings.batch_size)
         latents = torch.stack([
-            sample_latent(self.examples[i], self.settings.latent_sampling, self.generator, self.once_latents[i] if self.once_latents else None)
+            sample_latent(self.examples[i], self.settings.latent_sampling, self.generator,
+                          once_sample(self.examples[i], i, self.settings.seed + 2) if self.settings.latent_sampling == "once" else None)
             for i in indices
         ])
         prompts = []
