@@ -5,6 +5,7 @@ import signal
 import pytest
 import torch
 
+from stages.common.embedding import read_embedding
 from stages.common.models import load_model
 from stages.train.dataset import LatentExample, load_examples
 from stages.train.interrupt import TrainingInterrupted
@@ -37,6 +38,7 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_same_embedding(demo_prepared, 
 
     resumed = train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), settings, out, state)
     assert resumed.resumed_from == 7
+    assert sorted(p.name for p in (out / "steps").glob("*.safetensors")) == ["demotok-10.safetensors", "demotok-5.safetensors", "demotok-7.safetensors"]  # none set aside
     torch.testing.assert_close(resumed.embedding.vectors["emb_params"], straight.embedding.vectors["emb_params"])
     assert resumed.losses == pytest.approx(straight.losses)
 
@@ -52,6 +54,23 @@ def test_a_finished_run_rewrites_deleted_outputs_without_training(demo_prepared,
     assert calls == [] and again.resumed_from == 3
     assert torch.equal(again.embedding.vectors["emb_params"], first.embedding.vectors["emb_params"])
     assert (tmp_path / "out" / "demotok.safetensors").is_file()
+
+
+def test_a_new_training_sets_the_last_trainings_snapshots_aside(demo_prepared, tmp_path):
+    out = tmp_path / "out"
+    first = TrainSettings(**dict(SETTINGS, steps=4, save_every=2))
+    train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), first, out, tmp_path / "state" / "a")
+    assert [p.name for p in (out / "steps").glob("*.safetensors")] == ["demotok-2.safetensors"]
+
+    # another learning rate is another training (another resume key, so another state folder)
+    second = TrainSettings(**dict(SETTINGS, steps=3, save_every=1, learning_rate=0.01))
+    train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), second, out, tmp_path / "state" / "b")
+    assert sorted(p.name for p in (out / "steps").glob("*.safetensors")) == ["demotok-1.safetensors", "demotok-2.safetensors"]
+    earlier = list((out / "steps").glob("earlier-*"))
+    assert len(earlier) == 1 and sorted(p.name for p in earlier[0].iterdir()) == ["demotok-2.pt", "demotok-2.safetensors"]
+    assert not torch.equal(  # the demotok-2 in steps/ is the new training's, not the old one kept aside
+        read_embedding(out / "steps" / "demotok-2.safetensors").vectors["emb_params"],
+        read_embedding(earlier[0] / "demotok-2.safetensors").vectors["emb_params"])
 
 
 def _with_nan(examples, every_other: bool):

@@ -341,6 +341,8 @@ def train_embedding(
     if state is not None and state["step"] <= settings.steps:
         trainer.load_state_dict(state)
         log.info("resuming %s from step %d of %d (%s)", settings.name, trainer.step, settings.steps, store.path)
-    elif state is not None:
-        log.warning("the saved state is at step %d, past steps=%d; training starts over", state["step"], settings.steps)
+    else:
+        if state is not None:
+            log.warning("the saved state is at step %d, past steps=%d; training starts over", state["step"], settings.steps)
+        trainer.outputs.set_aside_earlier_snapshots()  # a new training: steps/ holds only its own snapshots
     return trainer.run(reporter, preview)
