@@ -17,12 +17,12 @@ PY = sys.executable  # the interpreter snakemake runs in, so stages see the same
 OUT = config["out_dir"]
 RUNS = list(config["runs"])
 
-localrules: all  # on a cluster, the target rule needs no job of its own
+localrules: all, overview  # on a cluster, these need no job of their own
 
 
 rule all:
     input:
-        expand(f"{OUT}/evaluate/{{run}}/index.html", run=RUNS),
+        f"{OUT}/evaluate/index.html",
 
 
 rule preprocess:
@@ -133,3 +133,17 @@ rule evaluate:
     shell:
         "{PY} -m stages.evaluate --settings {params.settings:q} --run {wildcards.run:q} --train-dir {params.train_dir:q}"
         " --latents {params.latents:q} --captions {params.captions:q} --out {params.out:q} 2>&1 | tee {log:q}"
+
+
+rule overview:
+    input:
+        expand(f"{OUT}/evaluate/{{run}}/metrics.json", run=RUNS),
+    output:
+        f"{OUT}/evaluate/index.html",
+    params:
+        out=f"{OUT}/evaluate",
+        runs=" ".join(f"'{run}'" for run in RUNS),
+    log:
+        f"{OUT}/logs/overview.log",
+    shell:
+        "{PY} -m stages.evaluate --overview --out {params.out:q} --runs {params.runs} 2>&1 | tee {log:q}"

@@ -171,3 +171,18 @@ def test_with_a_split_the_validation_loss_uses_only_the_held_out_images(tiny_bun
     held = split_validation(load_examples(demo_prepared / "latents", demo_prepared / "caption"), 0.25)[1]
     assert metrics["validation_set"] == "held out" and metrics["validation_images"] == 2 == len(held)
     assert "images that training never saw" in (tmp_path / "evaluate" / "index.html").read_text()
+
+
+def test_the_overview_page_compares_every_run_and_names_a_missing_one(tmp_path):
+    from stages.evaluate.overview import write_overview
+
+    base = {"token": "x", "final_step": 10, "best_step": 5, "val_loss_start": 1.0, "val_loss_best": 0.9, "val_loss_best_vs_start": -0.1,
+            "beats_start": True, "validation_set": "held out", "validation_images": 2}
+    for run, extra in (("alpha", {}), ("beta", {"beats_start": False, "val_loss_best": 1.2, "val_loss_best_vs_start": 0.2})):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.json").write_text(json.dumps({**base, **extra}))
+    page = write_overview(tmp_path, ["alpha", "beta"]).read_text()
+    assert page.count("<tr><td") == 2 and '"alpha/index.html"' in page and '"beta/grid.png"' in page
+    assert "-10.0%" in page and "+20.0%" in page and page.count("never beats the start") == 1
+    with pytest.raises(FileNotFoundError, match="gamma/metrics.json does not exist"):
+        write_overview(tmp_path, ["alpha", "gamma"])

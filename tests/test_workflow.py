@@ -32,7 +32,7 @@ def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
 def finished_workflow(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("workflow")
     (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
-    assert planned_jobs(snakemake(workdir, "-n")) == {"preprocess", "caption", "cache_latents", "train", "evaluate", "all"}
+    assert planned_jobs(snakemake(workdir, "-n")) == {"preprocess", "caption", "cache_latents", "train", "evaluate", "overview", "all"}
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
@@ -43,7 +43,7 @@ def test_workflow_leaves_the_promised_files(finished_workflow):
     for name in ["train/demotok/demotok.safetensors", "train/demotok/demotok.pt", "train/demotok/loss.csv",
                  "train/demotok/steps/demotok-2.safetensors", "evaluate/demotok/grid.png", "evaluate/demotok/loss.png",
                  "evaluate/demotok/val_loss.csv", "evaluate/demotok/metrics.json", "evaluate/demotok/index.html",
-                 "evaluate/demotok/checkpoints.png", "evaluate/demotok/best/demotok.safetensors",
+                 "evaluate/demotok/checkpoints.png", "evaluate/demotok/best/demotok.safetensors", "evaluate/index.html",
                  "preprocess/manifest.csv", "preprocess/skipped.csv", "caption/captions.csv", "latents/manifest.csv"]:
         assert (out / name).is_file(), name
     metrics = json.loads((out / "evaluate/demotok/metrics.json").read_text())
@@ -61,7 +61,7 @@ def test_a_train_edit_reruns_only_train_and_evaluate(finished_workflow):
     edited = dict(TINY, train=dict(TINY["train"], learning_rate=0.02))
     (finished_workflow / "edited.yaml").write_text(yaml.safe_dump(edited))
     result = snakemake(finished_workflow, "-n", "--configfile", str(finished_workflow / "edited.yaml"))
-    assert planned_jobs(result) == {"train", "evaluate", "all"}
+    assert planned_jobs(result) == {"train", "evaluate", "overview", "all"}
 
 
 def test_a_bad_config_stops_before_any_work(tmp_path):
@@ -90,9 +90,9 @@ def test_the_slurm_profile_sends_each_stage_as_a_job_and_the_model_stages_get_a_
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     resources = planned_resources(result)
-    assert set(resources) == {"preprocess", "caption", "cache_latents", "train", "evaluate", "all"}
+    assert set(resources) == {"preprocess", "caption", "cache_latents", "train", "evaluate", "overview", "all"}
     for stage in ("cache_latents", "train", "evaluate"):
         assert resources[stage].get("gpu") == "1", (stage, resources[stage])
-    for stage in ("preprocess", "caption"):
+    for stage in ("preprocess", "caption", "overview"):
         assert "gpu" not in resources[stage], (stage, resources[stage])
     assert int(resources["train"]["runtime"]) > int(resources["preprocess"]["runtime"])

@@ -19,7 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "and render grid.png, checkpoints.png, loss.png, metrics.json and index.html.",
     )
     add_settings_arguments(parser)
-    parser.add_argument("--run", required=True, help="the run (embedding name) to evaluate")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", help="the run (embedding name) to evaluate")
+    what.add_argument("--overview", action="store_true",
+                      help="instead: write index.html comparing runs already evaluated, in --out (default: {out_dir}/evaluate)")
+    parser.add_argument("--runs", nargs="+", help="with --overview: the runs to compare (default: every run in config.yaml)")
     parser.add_argument("--train-dir", type=Path, help="the run's train folder (default: {out_dir}/train/{run})")
     parser.add_argument("--latents", type=Path, help="the cache_latents folder (default: {out_dir}/latents)")
     parser.add_argument("--captions", type=Path, help="the caption folder (default: {out_dir}/caption)")
@@ -32,6 +36,8 @@ def _size(value) -> tuple[int, int]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.overview:
+        return overview(args)
     from stages.evaluate.report import RunToEvaluate
 
     if args.settings is not None:
@@ -65,6 +71,18 @@ def main(args: argparse.Namespace) -> int:
           f"(validation loss {metrics['val_loss_start']} at the start → {metrics['val_loss_best']}); report: {out / 'index.html'}")
     if not metrics["beats_start"]:
         print(f"evaluate {args.run}: warning: no saved checkpoint beats the starting vectors; see the report", file=sys.stderr)
+    return 0
+
+
+def overview(args: argparse.Namespace) -> int:
+    from stages.evaluate.overview import write_overview
+
+    if args.runs and args.out:
+        runs, folder = args.runs, args.out
+    else:
+        config = load_full_config(args)
+        runs, folder = args.runs or list(config["runs"]), args.out or Path(config["out_dir"]) / "evaluate"
+    print(f"evaluate: {len(runs)} runs compared in {write_overview(folder, runs)}")
     return 0
 
 

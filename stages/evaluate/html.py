@@ -22,7 +22,11 @@ WARNING = ('<p class="warn">No saved checkpoint scores better than the vectors t
            "Lower train.learning_rate, check the captions (tiflow prompts shows them), or train longer.</p>")
 
 
-def _format(value, digits: int = 4) -> str:
+def _file_label(file: str) -> str:
+    return file if file.startswith("start:") else Path(file).name
+
+
+def format_number(value, digits: int = 4) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -47,16 +51,16 @@ def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_chec
         ("validation images", f'{metrics["validation_images"]} ({escape(metrics["validation_set"])})'),
         ("final step", metrics["final_step"]),
         ("best step (lowest validation loss)", metrics["best_step"]),
-        ("validation loss: start → best", f"{_format(metrics['val_loss_start'])} → {_format(metrics['val_loss_best'])} ({change_text})"),
+        ("validation loss: start → best", f"{format_number(metrics['val_loss_start'])} → {format_number(metrics['val_loss_best'])} ({change_text})"),
         ("started from", escape(metrics["start"])),
-        ("validation loss, final", _format(metrics["val_loss_final"])),
-        ("mean vector norm, final", _format(metrics["vector_norm_final"])),
-        ("training loss, mean of the last 10% of steps", _format(metrics["train_loss_last_10pct_mean"])),
+        ("validation loss, final", format_number(metrics["val_loss_final"])),
+        ("mean vector norm, final", format_number(metrics["vector_norm_final"])),
+        ("training loss, mean of the last 10% of steps", format_number(metrics["train_loss_last_10pct_mean"])),
     ]
     rows = "\n".join(
         f'<tr class="{"best" if int(r.step) == metrics["best_step"] and not str(r.file).startswith("start:") else ""}">'
-        f'<td>{int(r.step)}</td><td>{_format(r.val_loss)}</td>'
-        f'<td>{_format(r.vector_norm)}</td><td class="left">{escape(Path(r.file).name)}</td></tr>'
+        f'<td>{int(r.step)}</td><td>{format_number(r.val_loss)}</td>'
+        f'<td>{format_number(r.vector_norm)}</td><td class="left">{escape(_file_label(str(r.file)))}</td></tr>'
         for r in validation.itertuples()
     )
     best_links = ", ".join(f'<a href="{escape(f)}">{escape(f)}</a>' for f in metrics["best_files"])

@@ -1,0 +1,47 @@
+"""evaluate/index.html: every run side by side, from each run's metrics.json and pictures."""
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+
+from stages.common.files import write_text_atomic
+from stages.evaluate.html import STYLE, format_number
+
+
+def write_overview(evaluate_dir: Path, runs: list[str]) -> Path:
+    """Write evaluate_dir/index.html comparing `runs`; each needs evaluate_dir/<run>/metrics.json."""
+    rows, cards = [], []
+    for run in runs:
+        metrics_file = evaluate_dir / run / "metrics.json"
+        if not metrics_file.is_file():
+            raise FileNotFoundError(f"{metrics_file} does not exist; run the evaluate stage for {run!r} first")
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        name = escape(run)
+        change = metrics.get("val_loss_best_vs_start")
+        flag = "" if metrics.get("beats_start", True) else ' <span class="warn">never beats the start</span>'
+        rows.append(
+            f'<tr><td class="left"><a href="{name}/index.html">{name}</a>{flag}</td><td class="left">{escape(metrics["token"])}</td>'
+            f'<td>{metrics["final_step"]}</td><td>{metrics["best_step"]}</td><td>{format_number(metrics["val_loss_start"])}</td>'
+            f'<td>{format_number(metrics["val_loss_best"])}</td><td>{f"{change * 100:+.1f}%" if change is not None else "–"}</td>'
+            f'<td class="left">{escape(metrics["validation_set"])} ({metrics["validation_images"]})</td>'
+            f'<td class="left"><a href="{name}/best/{name}.safetensors">best/{name}.safetensors</a></td></tr>'
+        )
+        cards.append(f'<figure><a href="{name}/index.html"><img src="{name}/grid.png" alt="{name} samples"></a>'
+                     f"<figcaption>{name}: the final embedding</figcaption></figure>")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>tiflow: {len(runs)} runs</title><style>{STYLE}
+figure {{ display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }} figure img {{ max-width: 360px; }}</style></head>
+<body>
+<h1>tiflow runs</h1>
+<p class="sub">Each run's validation loss is measured on its own fixed noise; compare runs that share images and validation settings.</p>
+<table><tr><th class="left">run</th><th class="left">trigger</th><th>steps</th><th>best step</th><th>val loss, start</th>
+<th>val loss, best</th><th>change</th><th class="left">validation images</th><th class="left">best file</th></tr>
+{chr(10).join(rows)}
+</table>
+{chr(10).join(cards)}
+</body></html>
+"""
+    target = evaluate_dir / "index.html"
+    write_text_atomic(target, page)
+    return target
