@@ -154,6 +154,24 @@ def test_only_new_images_are_processed_and_removed_ones_leave(tmp_path):
     assert run(src, out, PreprocessSettings(size=(128, 128)))[0].processed == 6
 
 
+def test_prune_keeps_only_the_cache_entries_the_current_images_and_settings_use(tmp_path):
+    src, out, cache = tmp_path / "src", tmp_path / "out", tmp_path / "cache"
+    for index in range(4):
+        picture(src / f"img{index}.png", seed=index)
+    run(src, out)
+    run(src, out, PreprocessSettings(size=(128, 128)))  # another settings key: a second set of entries
+    (src / "img0.png").unlink()
+    before = sum(1 for p in cache.rglob("*") if p.is_file())
+    summary, manifest, _ = run(src, out, PreprocessSettings(size=(64, 64), prune=True))
+    assert summary.pruned_files == before - 2 * 3 and summary.pruned_bytes > 0  # 3 images left, a record and a PNG each
+    assert "unused cache files pruned" in summary.line()
+    assert [p.name for p in cache.iterdir()] == [PreprocessSettings(size=(64, 64)).cache_key()]
+    for name in manifest.output:  # the outputs are whole (hard links keep their bytes)
+        assert Image.open(out / name).size == (64, 64)
+    again, _, _ = run(src, out, PreprocessSettings(size=(64, 64), prune=True))
+    assert (again.processed, again.reused, again.pruned_files) == (0, 3, 0)  # nothing in use was pruned
+
+
 def test_parallel_workers_give_the_same_result(tmp_path):
     src = tmp_path / "src"
     for index in range(5):

@@ -78,3 +78,28 @@ class ImageCache:
 
     def file_path(self, content_sha256: str, name: str) -> Path:
         return self.entry_folder(content_sha256) / name
+
+
+def prune_cache(root: Path, settings_key: str, keep_contents: set[str]) -> tuple[int, int]:
+    """Delete every entry under `root` except this settings key's entries for `keep_contents`: (files, bytes) freed.
+
+    Entry files are named after their content hash (`<sha>.json`, `<sha>-<n>.png`, `<sha>-focal.jpg`);
+    leftovers of interrupted writes go too.
+    """
+    files = freed = 0
+    if not root.is_dir():
+        return 0, 0
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        key_folder = path.relative_to(root).parts[0]
+        content = path.name.split(".")[0].split("-")[0]
+        if key_folder == settings_key and content in keep_contents:
+            continue
+        freed += path.stat().st_size
+        path.unlink()
+        files += 1
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return files, freed

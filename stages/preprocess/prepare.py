@@ -18,7 +18,7 @@ import pandas as pd
 
 from stages.common.demo_data import DEMO_NAME, write_demo_dataset
 from stages.common.files import write_csv_atomic
-from stages.preprocess.cache import ImageCache
+from stages.preprocess.cache import ImageCache, prune_cache
 from stages.preprocess.duplicates import find_near_duplicates
 from stages.preprocess.outputs import DEBUG_FOLDER, output_names, place_file, remove_stale, write_caption
 from stages.preprocess.process import SourceOutcome, process_source
@@ -46,11 +46,14 @@ class PreprocessSummary:
     processed: int  # sources decoded and framed in this run
     reused: int  # sources whose framed images came from the cache
     ignored: int = 0  # stray files that are not images (notes, documents)
+    pruned_files: int = 0  # cache files deleted by preprocess.prune
+    pruned_bytes: int = 0
 
     def line(self) -> str:
         split = f" as {self.images} images" if self.images != self.kept else ""
+        pruned = f"; {self.pruned_files} unused cache files pruned ({self.pruned_bytes / 1e6:.1f} MB)" if self.pruned_files else ""
         return (f"{self.kept} kept{split}, {self.skipped - self.duplicates} skipped, {self.duplicates} duplicates, "
-                f"{self.near_duplicates} near-duplicate pairs ({self.processed} processed, {self.reused} from cache)")
+                f"{self.near_duplicates} near-duplicate pairs ({self.processed} processed, {self.reused} from cache){pruned}")
 
 
 @dataclass
@@ -118,8 +121,11 @@ def preprocess_folder(
         )
     write_csv_atomic(out_dir / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
     processed = sum(not o.reused and o.record.status != "ignored" and o.content_sha256 != "" for o in outcomes)
-    return PreprocessSummary(kept=len(kept), images=len(rows), skipped=len(skipped), duplicates=duplicates,
-                             near_duplicates=len(near), processed=processed, reused=sum(o.reused for o in outcomes), ignored=ignored)
+    summary = PreprocessSummary(kept=len(kept), images=len(rows), skipped=len(skipped), duplicates=duplicates,
+                                near_duplicates=len(near), processed=processed, reused=sum(o.reused for o in outcomes), ignored=ignored)
+    if settings.prune:
+        summary.pruned_files, summary.pruned_bytes = prune_cache(cache_dir, settings.cache_key(), {o.content_sha256 for o in outcomes})
+    return summary
 
 
 def _select(outcomes: list[SourceOutcome], settings: PreprocessSettings) -> tuple[list[_Kept], list[dict], int]:

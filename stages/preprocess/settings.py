@@ -15,7 +15,7 @@ SPLIT_MODES = ("center", "pad", "focal")  # bucket and none keep each image's ow
 PROCESSING_VERSION = 2
 # Settings that never change one image's framed pixels: leaving them out of the cache key means
 # toggling them reuses every cached image.
-_NOT_IN_CACHE_KEY = ("flip", "recursive", "caption_extension", "near_duplicate_distance")
+_NOT_IN_CACHE_KEY = ("flip", "recursive", "caption_extension", "near_duplicate_distance", "prune")
 
 
 def parse_colour(value: str, key: str) -> tuple[int, int, int]:
@@ -49,6 +49,7 @@ class PreprocessSettings:
     bucket_max_side: int = 1024
     bucket_step: int = 64
     near_duplicate_distance: int = 4  # bits of 64 that may differ in the difference hash
+    prune: bool = False  # delete cache entries of other settings and of images no longer in the folder
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
