@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import REPO
 from stages.preprocess.prepare import PreprocessSettings, preprocess_folder
-from test_preprocess import BLUE, RED, bad_file_bytes, busy_patch
+from test_preprocess import bad_file_bytes, busy_patch
 
 SMALL = PreprocessSettings(size=(64, 64))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from stages.common.paths import DEMO_DATASET as DEMO_NAME
+from stages.common.paths import DEMO_DATASET as DEMO_NAME  # re-exported for preprocess
 _BACKGROUNDS = [("green", (70, 140, 80)), ("blue", (60, 90, 170)), ("sandy", (210, 190, 140)), ("grey", (128, 128, 128))]
 
 
