@@ -138,8 +138,10 @@ rule evaluate:
 rule overview:
     input:
         expand(f"{OUT}/evaluate/{{run}}/metrics.json", run=RUNS),
+        expand(f"{OUT}/evaluate/{{run}}/val_loss.csv", run=RUNS),
     output:
-        f"{OUT}/evaluate/index.html",
+        report=f"{OUT}/evaluate/index.html",
+        plot=f"{OUT}/evaluate/val_loss.png",
     params:
         out=f"{OUT}/evaluate",
         runs=" ".join(f"'{run}'" for run in RUNS),

@@ -181,8 +181,10 @@ def test_the_overview_page_compares_every_run_and_names_a_missing_one(tmp_path):
     for run, extra in (("alpha", {}), ("beta", {"beats_start": False, "val_loss_best": 1.2, "val_loss_best_vs_start": 0.2})):
         (tmp_path / run).mkdir()
         (tmp_path / run / "metrics.json").write_text(json.dumps({**base, **extra}))
+        pd.DataFrame({"step": [0, 5, 10], "val_loss": [1.0, 0.9, 0.95], "vector_norm": 0.1, "file": "x"}).to_csv(tmp_path / run / "val_loss.csv")
     page = write_overview(tmp_path, ["alpha", "beta"]).read_text()
     assert page.count("<tr><td") == 2 and '"alpha/index.html"' in page and '"beta/grid.png"' in page
     assert "-10.0%" in page and "+20.0%" in page and page.count("never beats the start") == 1
+    assert '"val_loss.png"' in page and Image.open(tmp_path / "val_loss.png").size[0] > 300
     with pytest.raises(FileNotFoundError, match="gamma/metrics.json does not exist"):
         write_overview(tmp_path, ["alpha", "gamma"])

@@ -43,7 +43,7 @@ def test_workflow_leaves_the_promised_files(finished_workflow):
     for name in ["train/demotok/demotok.safetensors", "train/demotok/demotok.pt", "train/demotok/loss.csv",
                  "train/demotok/steps/demotok-2.safetensors", "evaluate/demotok/grid.png", "evaluate/demotok/loss.png",
                  "evaluate/demotok/val_loss.csv", "evaluate/demotok/metrics.json", "evaluate/demotok/index.html",
-                 "evaluate/demotok/checkpoints.png", "evaluate/demotok/best/demotok.safetensors", "evaluate/index.html",
+                 "evaluate/demotok/checkpoints.png", "evaluate/demotok/best/demotok.safetensors", "evaluate/index.html", "evaluate/val_loss.png",
                  "preprocess/manifest.csv", "preprocess/skipped.csv", "caption/captions.csv", "latents/manifest.csv"]:
         assert (out / name).is_file(), name
     metrics = json.loads((out / "evaluate/demotok/metrics.json").read_text())

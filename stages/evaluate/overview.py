@@ -5,12 +5,33 @@ import json
 from html import escape
 from pathlib import Path
 
-from stages.common.files import write_text_atomic
+from stages.common.files import atomic_path, write_text_atomic
 from stages.evaluate.html import STYLE, format_number
 
 
+def plot_runs(evaluate_dir: Path, runs: list[str], target: Path) -> None:
+    """Every run's validation loss per checkpoint on one chart (the start as step 0 of each line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    figure, axis = plt.subplots(figsize=(7, 3.5), dpi=100)
+    for run in runs:
+        table = pd.read_csv(evaluate_dir / run / "val_loss.csv")
+        axis.plot(table.step, table.val_loss, "o-", label=run)
+    axis.set_xlabel("step")
+    axis.set_ylabel("validation loss")
+    axis.legend()
+    figure.tight_layout()
+    with atomic_path(target) as temp:
+        figure.savefig(temp, format="png")
+    plt.close(figure)
+
+
 def write_overview(evaluate_dir: Path, runs: list[str]) -> Path:
-    """Write evaluate_dir/index.html comparing `runs`; each needs evaluate_dir/<run>/metrics.json."""
+    """Write evaluate_dir/index.html and val_loss.png comparing `runs`; each needs evaluate_dir/<run>/metrics.json."""
     rows, cards = [], []
     for run in runs:
         metrics_file = evaluate_dir / run / "metrics.json"
@@ -29,6 +50,7 @@ def write_overview(evaluate_dir: Path, runs: list[str]) -> Path:
         )
         cards.append(f'<figure><a href="{name}/index.html"><img src="{name}/grid.png" alt="{name} samples"></a>'
                      f"<figcaption>{name}: the final embedding</figcaption></figure>")
+    plot_runs(evaluate_dir, runs, evaluate_dir / "val_loss.png")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tiflow: {len(runs)} runs</title><style>{STYLE}
 figure {{ display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }} figure img {{ max-width: 360px; }}</style></head>
@@ -39,6 +61,8 @@ figure {{ display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }} fi
 <th>val loss, best</th><th>change</th><th class="left">validation images</th><th class="left">best file</th></tr>
 {chr(10).join(rows)}
 </table>
+<figure><img src="val_loss.png" alt="validation loss of every run"><figcaption>Validation loss per checkpoint,
+each run from its start.</figcaption></figure><br>
 {chr(10).join(cards)}
 </body></html>
 """
