@@ -5,29 +5,19 @@ import json
 from html import escape
 from pathlib import Path
 
-from stages.common.files import atomic_path, write_text_atomic
+import pandas as pd
+
+from stages.common.files import write_text_atomic
+from stages.evaluate.charts import step_chart
 from stages.evaluate.html import STYLE, format_number
 
 
 def plot_runs(evaluate_dir: Path, runs: list[str], target: Path) -> None:
-    """Every run's validation loss per checkpoint on one chart (the start as step 0 of each line)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    figure, axis = plt.subplots(figsize=(7, 3.5), dpi=100)
-    for run in runs:
-        table = pd.read_csv(evaluate_dir / run / "val_loss.csv")
-        axis.plot(table.step, table.val_loss, "o-", label=run)
-    axis.set_xlabel("step")
-    axis.set_ylabel("validation loss")
-    axis.legend()
-    figure.tight_layout()
-    with atomic_path(target) as temp:
-        figure.savefig(temp, format="png")
-    plt.close(figure)
+    """Every run's validation loss per checkpoint on one chart (the start as the first point of each line)."""
+    with step_chart(target, "validation loss") as axis:
+        for run in runs:
+            table = pd.read_csv(evaluate_dir / run / "val_loss.csv")
+            axis.plot(table.step, table.val_loss, "o-", label=run)
 
 
 def write_overview(evaluate_dir: Path, runs: list[str]) -> Path:

@@ -17,16 +17,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from stages.common.embedding import save_embedding_files
 from stages.common.files import atomic_path, write_csv_atomic, write_text_atomic
 from stages.common.models import ModelBundle
 from stages.common.sampling import build_pipeline
+from stages.evaluate.charts import step_chart
 from stages.evaluate.grid import compose_grid, render_samples, spread_steps
 from stages.evaluate.html import write_report
 from stages.evaluate.validation import (
@@ -59,22 +56,15 @@ class RunToEvaluate:
 
 def plot_loss(loss_csv: Path, validation: pd.DataFrame | None, target: Path) -> None:
     """Training loss per step with a moving average, and the validation loss of each checkpoint."""
-    figure, axis = plt.subplots(figsize=(7, 3.5), dpi=100)
-    if loss_csv.is_file():
-        table = pd.read_csv(loss_csv)
-        axis.plot(table.step, table.loss, alpha=0.3, label="training loss")
-        window = len(table) // 20
-        if window > 1:
-            axis.plot(table.step, table.loss.rolling(window, min_periods=1).mean(), label=f"training loss, mean of {window}")
-    if validation is not None and not validation.empty:
-        axis.plot(validation.step, validation.val_loss, "o-", color="black", label="validation loss (fixed noise)")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.legend()
-    figure.tight_layout()
-    with atomic_path(target) as temp:
-        figure.savefig(temp, format="png")
-    plt.close(figure)
+    with step_chart(target, "loss") as axis:
+        if loss_csv.is_file():
+            table = pd.read_csv(loss_csv)
+            axis.plot(table.step, table.loss, alpha=0.3, label="training loss")
+            window = len(table) // 20
+            if window > 1:
+                axis.plot(table.step, table.loss.rolling(window, min_periods=1).mean(), label=f"training loss, mean of {window}")
+        if validation is not None and not validation.empty:
+            axis.plot(validation.step, validation.val_loss, "o-", color="black", label="validation loss (fixed noise)")
 
 
 def save_png(image, target: Path) -> None:
