@@ -31,6 +31,23 @@ def _examples(count: int, latent_side: int):
                           torch.full((4, latent_side, latent_side), -6.0), "a red toy on a green background") for i in range(count)]
 
 
+def bare_loop(unet, scheduler, text_width: int, batch: int, size: int, device):
+    """One step of the floor any TI trainer can reach: frozen UNet forward+backward into a trainable context, AdamW."""
+    context = torch.nn.Parameter(torch.randn(batch, 77, text_width, device=device) * 0.1)
+    optimizer = torch.optim.AdamW([context], lr=1e-3)
+    latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
+
+    def step() -> None:
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        prediction = unet(scheduler.add_noise(latents, noise, t).to(unet.dtype), t, context.to(unet.dtype)).sample
+        torch.nn.functional.mse_loss(prediction.float(), noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def measure_bare(model: str, size: int, batch: int, warmup: int, steps: int) -> dict:
     from stages.common.models import load_model
 
@@ -39,19 +56,11 @@ def measure_bare(model: str, size: int, batch: int, warmup: int, steps: int) -> 
     bundle = load_model(f"builtin:{model}")
     device = pick_device()  # where tiflow would train, in the dtype precision: auto gives it
     unet, scheduler = bundle.unet.to(device, resolve_precision("auto", device)), bundle.scheduler
-    width = bundle.text_width
-    context = torch.nn.Parameter(torch.randn(batch, 77, width, device=device) * 0.1)
-    optimizer = torch.optim.AdamW([context], lr=1e-3)
-    latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
+    bare_step = bare_loop(unet, scheduler, bundle.text_width, batch, size, device)
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        prediction = unet(scheduler.add_noise(latents, noise, t).to(unet.dtype), t, context.to(unet.dtype)).sample
-        torch.nn.functional.mse_loss(prediction.float(), noise).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        bare_step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:
@@ -59,34 +68,8 @@ def measure_bare(model: str, size: int, batch: int, warmup: int, steps: int) -> 
     return {"seconds_per_step": sorted(times)[len(times) // 2]}
 
 
-def measure_tiflow(model: str, size: int, batch: int, warmup: int, steps: int, option: str = "") -> dict:
-    import tempfile
-
-    from stages.common.models import load_model
-    from stages.train.outputs import RunOutputs
-    from stages.train.resume import ResumeStore
-    from stages.train.trainer import Trainer, TrainSettings
-
-    overrides = {}
-    if option:  # e.g. "gradient_checkpointing", "channels_last", "compile", "precision=bf16"
-        key, _, value = option.partition("=")
-        overrides[key] = value if value else True
-    settings = TrainSettings(name="benchtok", token="benchtok", init_text="toy", vectors=4, steps=warmup + steps,
-                             batch_size=batch, save_every=0, learning_rate=1e-3, **overrides)
-    trainer = Trainer(load_model(f"builtin:{model}"), _examples(16, size // 8), settings,
-                      RunOutputs(Path(tempfile.mkdtemp()), "benchtok"), ResumeStore(None))
-    times = []
-    for step in range(warmup + steps):
-        started = time.perf_counter()
-        trainer.train_step()
-        trainer.step += 1
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
-    return {"seconds_per_step": sorted(times)[len(times) // 2]}
-
-
-def measure_interleaved(model: str, size: int, batch: int, warmup: int, steps: int, option: str = "") -> dict:
-    """Alternate one bare step and one tiflow step on the same UNet, so background load hits both alike."""
+def _trainer(model: str, size: int, batch: int, warmup: int, steps: int, option: str = ""):
+    """tiflow's Trainer on 16 random latents; `option` is e.g. "gradient_checkpointing" or "precision=bf16"."""
     import tempfile
 
     from stages.common.models import load_model
@@ -100,20 +83,27 @@ def measure_interleaved(model: str, size: int, batch: int, warmup: int, steps: i
         overrides[key] = value if value else True
     settings = TrainSettings(name="benchtok", token="benchtok", init_text="toy", vectors=4, steps=warmup + steps,
                              batch_size=batch, save_every=0, learning_rate=1e-3, **overrides)
-    trainer = Trainer(load_model(f"builtin:{model}"), _examples(16, size // 8), settings,
-                      RunOutputs(Path(tempfile.mkdtemp()), "benchtok"), ResumeStore(None))
-    unet, scheduler, device = trainer.bundle.unet, trainer.bundle.scheduler, trainer.device
-    context = torch.nn.Parameter(torch.randn(batch, 77, trainer.bundle.text_width, device=device) * 0.1)
-    optimizer = torch.optim.AdamW([context], lr=1e-3)
-    latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
+    return Trainer(load_model(f"builtin:{model}"), _examples(16, size // 8), settings,
+                   RunOutputs(Path(tempfile.mkdtemp()), "benchtok"), ResumeStore(None))
 
-    def bare_step():
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        prediction = unet(scheduler.add_noise(latents, noise, t).to(unet.dtype), t, context.to(unet.dtype)).sample
-        torch.nn.functional.mse_loss(prediction.float(), noise).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+def measure_tiflow(model: str, size: int, batch: int, warmup: int, steps: int, option: str = "") -> dict:
+    trainer = _trainer(model, size, batch, warmup, steps, option)
+    times = []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        trainer.train_step()
+        trainer.step += 1
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return {"seconds_per_step": sorted(times)[len(times) // 2]}
+
+
+def measure_interleaved(model: str, size: int, batch: int, warmup: int, steps: int, option: str = "") -> dict:
+    """Alternate one bare step and one tiflow step on the same UNet, so background load hits both alike."""
+    trainer = _trainer(model, size, batch, warmup, steps, option)
+    unet, scheduler, device = trainer.bundle.unet, trainer.bundle.scheduler, trainer.device
+    bare_step = bare_loop(unet, scheduler, trainer.bundle.text_width, batch, size, device)
 
     bare, ours = [], []
     for step in range(warmup + steps):

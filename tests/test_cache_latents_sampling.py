@@ -131,3 +131,24 @@ def test_training_examples_read_their_latents_from_the_cache_file_instead_of_hol
     assert torch.equal(once_sample(first, 0, seed=2), once_sample(first, 0, seed=2))
     assert not torch.allclose(once_sample(first, 0, seed=2), first.mean)
     assert not torch.allclose(once_sample(first, 0, seed=2) - first.mean, once_sample(examples[1], 1, seed=2) - examples[1].mean)
+
+
+def test_a_latent_file_that_vanishes_during_training_is_named(demo_prepared, tmp_path):
+    import shutil
+
+    from stages.train.dataset import LatentExample
+
+    copy = tmp_path / "entry.safetensors"
+    shutil.copy(load_examples_first_file(demo_prepared), copy)
+    example = LatentExample("a.png", caption="", latent_file=copy)
+    mean, logvar = example.distribution()
+    assert torch.equal(mean, example.mean) and torch.equal(logvar, example.logvar)
+    copy.unlink()
+    with pytest.raises(FileNotFoundError, match=r"entry\.safetensors \(the latents of a\.png\) can no longer be read"):
+        example.distribution()
+
+
+def load_examples_first_file(demo_prepared):
+    from stages.train.dataset import load_examples
+
+    return load_examples(demo_prepared / "latents", demo_prepared / "caption")[0].latent_file

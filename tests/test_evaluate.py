@@ -11,7 +11,7 @@ from stages.common.config import validate_config
 from stages.common.models import load_model
 from stages.evaluate.grid import spread_steps
 from stages.evaluate.report import RunToEvaluate, evaluate_run
-from stages.evaluate.validation import best_step, find_checkpoints
+from stages.evaluate.validation import best_step, load_checkpoints
 
 RUN = "zzqtok"
 SECTION = {**validate_config({})["evaluate"], "prompts": ["a photo of [name]", "[name] on a beach"], "seeds": [1, 2],
@@ -49,7 +49,8 @@ def test_every_checkpoint_is_scored_on_the_same_noise_and_the_best_is_copied(tin
     metrics = evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared), SECTION, (64, 64), out)
 
     table = pd.read_csv(out / "val_loss.csv")
-    assert table.step.tolist() == [0, 2, 4, 6] and table.file[0] == "start: init_text '*'"  # the zero vectors it began from
+    assert table.step.tolist() == [0, 2, 4, 6] and table.start[0] and table.file[0] == "init_text '*'"  # the zero vectors it began from
+    assert not table.start[1:].any()
     loss = dict(zip(table.step, table.val_loss))
     assert loss[2] == loss[6]  # same vectors, same fixed noise and timesteps: the same number
     assert loss[4] != loss[2]  # the vectors do change it
@@ -105,11 +106,12 @@ def test_spread_steps_keeps_first_last_and_best():
 
 
 def test_best_step_prefers_the_earlier_of_equal_losses_and_skips_nan_and_the_start():
-    files = ["start: init_text 'cat'", "steps/a-5.safetensors", "steps/a-10.safetensors", "a.safetensors"]
-    table = pd.DataFrame({"step": [0, 5, 10, 15], "val_loss": [0.1, float("nan"), 0.5, 0.5], "file": files})
+    files = ["init_text 'cat'", "steps/a-5.safetensors", "steps/a-10.safetensors", "a.safetensors"]
+    table = pd.DataFrame({"step": [0, 5, 10, 15], "val_loss": [0.1, float("nan"), 0.5, 0.5], "start": [True, False, False, False],
+                          "file": files})
     assert best_step(table) == 10
     with pytest.raises(ValueError, match="no checkpoint has a finite validation loss"):
-        best_step(pd.DataFrame({"step": [5], "val_loss": [float("nan")], "file": ["a.safetensors"]}))
+        best_step(pd.DataFrame({"step": [5], "val_loss": [float("nan")], "start": [False], "file": ["a.safetensors"]}))
 
 
 def test_the_start_is_scored_as_a_baseline_and_a_run_that_never_beats_it_is_flagged(tiny_bundle, vectors, demo_prepared, tmp_path):
@@ -118,7 +120,7 @@ def test_the_start_is_scored_as_a_baseline_and_a_run_that_never_beats_it_is_flag
     out = tmp_path / "evaluate"
     metrics = evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared, init_text="toy"), SECTION, (64, 64), out)
     table = pd.read_csv(out / "val_loss.csv")
-    assert table.file[0] == "start: init_text 'toy'" and table.vector_norm[0] == pytest.approx(float(vectors["sensible"].norm(dim=1).mean()))
+    assert table.start[0] and table.file[0] == "init_text 'toy'" and table.vector_norm[0] == pytest.approx(float(vectors["sensible"].norm(dim=1).mean()))
     # the start is never the pick: it is not a trained embedding
     assert metrics["val_loss_start"] == pytest.approx(table.val_loss[0], abs=1e-6)
     assert table.val_loss[1] == table.val_loss[2] > table.val_loss[0]  # the wild vectors fit worse than the start
@@ -128,7 +130,7 @@ def test_the_start_is_scored_as_a_baseline_and_a_run_that_never_beats_it_is_flag
 
 def test_bad_run_folders_get_errors_naming_the_file(tiny_bundle, vectors, demo_prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{RUN}.safetensors does not exist; run the train stage"):
-        find_checkpoints(tmp_path / "train", RUN)
+        load_checkpoints(tiny_bundle, tmp_path / "train", RUN)
 
     write_run(tmp_path / "train", {2: vectors["sensible"], 4: vectors["sensible"][:1]})  # the final has 1 vector
     with pytest.raises(EmbeddingError, match="mixes two trainings"):
@@ -181,7 +183,7 @@ def test_the_overview_page_compares_every_run_and_names_a_missing_one(tmp_path):
     for run, extra in (("alpha", {}), ("beta", {"beats_start": False, "val_loss_best": 1.2, "val_loss_best_vs_start": 0.2})):
         (tmp_path / run).mkdir()
         (tmp_path / run / "metrics.json").write_text(json.dumps({**base, **extra}))
-        pd.DataFrame({"step": [0, 5, 10], "val_loss": [1.0, 0.9, 0.95], "vector_norm": 0.1, "file": "x"}).to_csv(tmp_path / run / "val_loss.csv")
+        pd.DataFrame({"step": [0, 5, 10], "val_loss": [1.0, 0.9, 0.95], "vector_norm": 0.1, "start": [True, False, False], "file": "x"}).to_csv(tmp_path / run / "val_loss.csv")
     page = write_overview(tmp_path, ["alpha", "beta"]).read_text()
     assert page.count("<tr><td") == 2 and '"alpha/index.html"' in page and '"beta/grid.png"' in page
     assert "-10.0%" in page and "+20.0%" in page and page.count("never beats the start") == 1

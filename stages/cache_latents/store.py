@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from stages.common.files import atomic_path
+from stages.common.files import atomic_path, prune_tree
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,10 @@ class LatentStore:
     def prune(self, keep: set[Path]) -> tuple[int, int]:
         """Delete every entry (any VAE) not in `keep`, and leftovers of killed writes: (files, bytes) freed."""
         keep = {p.resolve() for p in keep}
-        files = freed = 0
-        for path in sorted(self.root.rglob(f"*{SUFFIX}*")):
-            leftover = path.name.startswith(".") and path.name.endswith(".partial")
-            if not (leftover or (path.suffix == SUFFIX and path.resolve() not in keep)):
-                continue
-            freed += path.stat().st_size
-            path.unlink()
-            files += 1
-        for folder in sorted((p for p in self.root.iterdir() if p.is_dir()), reverse=True) if self.root.is_dir() else []:
-            if not any(folder.iterdir()):
-                folder.rmdir()
-        return files, freed
+
+        def in_use(path: Path) -> bool:
+            if path.name.endswith(".partial"):
+                return False
+            return not path.name.endswith(SUFFIX) or path.resolve() in keep  # vae.json and other notes stay
+
+        return prune_tree(self.root, in_use)

@@ -2,19 +2,16 @@
 
 AUTOMATIC1111, ComfyUI and most model sites exchange one .safetensors/.ckpt file whose keys are
 those of the original ldm code: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE),
-`cond_stage_model.*` or `conditioner.embedders.*` (text encoders). This module writes such files
-from diffusers/transformers components and loads them back offline.
-
-Saving uses our own diffusers→original mapping (derived from key structure, so it fits any number
-of levels); loading uses diffusers' own converters, so real checkpoints go through the code that
-diffusers maintains for them. The two meet in the round-trip tests.
+`cond_stage_model.*` or `conditioner.embedders.*` (text encoders). This module reads such files
+and loads them offline into diffusers/transformers components, through diffusers' own converters,
+so real checkpoints go through the code that diffusers maintains for them. checkpoint_write.py
+writes them; the two meet in the round-trip tests.
 """
 from __future__ import annotations
 
 import logging
 import pickle
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -22,7 +19,6 @@ from torch import Tensor
 
 from stages.common.builtin import BUILTIN_MODELS, BuiltinSpec
 from stages.common.families import get_family
-from stages.common.files import atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -40,214 +36,6 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint file that can't be used; the message names the file and what to do."""
-
-
-# ---------------------------------------------------------------- diffusers → original key mapping
-
-# a diffusers ResnetBlock2D's submodules under their ldm ResBlock names (UNet)
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2", "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_BLOCK_KEY = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
-_MID_KEY = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
-
-
-def _no_mapping(component: str, key: str) -> CheckpointError:
-    return CheckpointError(
-        f"{component} parameter {key!r} has no name in the original SD1.x layout; "
-        "only SD1.x-style models (no class/addition embeddings) can be saved as an original checkpoint"
-    )
-
-
-def _resnet_rest(rest: str, names: Mapping[str, str], component: str, key: str) -> str:
-    head, _, tail = rest.partition(".")
-    if head not in names:
-        raise _no_mapping(component, key)
-    return f"{names[head]}.{tail}"
-
-
-def unet_to_original(state: Mapping[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
-    """Rename a diffusers UNet2DConditionModel state dict to `model.diffusion_model.*` keys.
-
-    ldm numbers its blocks flat: input_blocks.0 is conv_in, then each level has
-    `layers_per_block` (resnet, attention) blocks plus one downsampler block; output_blocks have
-    `layers_per_block + 1` blocks per level, the upsampler riding in the last one. Works on meta
-    tensors too, so the full-size mapping can be checked without allocating the model.
-    """
-    if not isinstance(layers_per_block, int):
-        raise CheckpointError(f"UNet layers_per_block={layers_per_block!r}: only one int for all levels maps to the original layout")
-    step = layers_per_block + 1
-    # the upsampler sits after the attention (index 2) when the level has attention, else at index 1
-    up_with_attention = {int(m.group(2)) for k in state if (m := _BLOCK_KEY.fullmatch(k)) and m.group(1) == "up_blocks" and m.group(3) == "attentions"}
-    out: dict[str, Tensor] = {}
-    for key, tensor in state.items():
-        module, _, param = key.rpartition(".")
-        if module in _UNET_TOP:
-            new = f"{_UNET_TOP[module]}.{param}"
-        elif m := _BLOCK_KEY.fullmatch(key):
-            kind, level, part, index, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-            if kind == "down_blocks":
-                if part == "downsamplers":  # 'conv.weight' → 'op.weight'
-                    new = f"input_blocks.{1 + level * step + layers_per_block}.0.op.{rest.removeprefix('conv.')}"
-                elif part == "resnets":
-                    new = f"input_blocks.{1 + level * step + index}.0.{_resnet_rest(rest, _UNET_RESNET, 'UNet', key)}"
-                else:
-                    new = f"input_blocks.{1 + level * step + index}.1.{rest}"
-            else:
-                if part == "upsamplers":
-                    slot = 2 if level in up_with_attention else 1
-                    new = f"output_blocks.{level * step + layers_per_block}.{slot}.{rest}"
-                elif part == "resnets":
-                    new = f"output_blocks.{level * step + index}.0.{_resnet_rest(rest, _UNET_RESNET, 'UNet', key)}"
-                else:
-                    new = f"output_blocks.{level * step + index}.1.{rest}"
-        elif m := _MID_KEY.fullmatch(key):
-            part, index, rest = m.groups()
-            if part == "resnets":  # middle_block = resnet, attention, resnet
-                new = f"middle_block.{2 * int(index)}.{_resnet_rest(rest, _UNET_RESNET, 'UNet', key)}"
-            else:
-                new = f"middle_block.{2 * int(index) + 1}.{rest}"
-        else:
-            raise _no_mapping("UNet", key)
-        out[UNET_PREFIX + new] = tensor
-    return out
-
-
-def vae_to_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a diffusers AutoencoderKL state dict to `first_stage_model.*` keys.
-
-    The ldm decoder numbers its levels from the highest resolution (up.0) while diffusers'
-    up_blocks start at the lowest, and its mid attention uses 1x1 convolutions where diffusers
-    uses linear layers: those weights gain two trailing unit dimensions.
-    """
-    num_up = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
-    out: dict[str, Tensor] = {}
-    for key, tensor in state.items():
-        side, _, rest = key.partition(".")
-        if key.startswith(("quant_conv.", "post_quant_conv.")):
-            new = key
-        elif side in ("encoder", "decoder") and rest.startswith(("conv_in.", "conv_out.")):
-            new = key
-        elif side in ("encoder", "decoder") and rest.startswith("conv_norm_out."):
-            new = f"{side}.norm_out.{rest.removeprefix('conv_norm_out.')}"
-        elif m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", rest):
-            kind, level, part, index, tail = m.groups()
-            level = int(level) if kind == "down" else num_up - 1 - int(level)
-            if part == "resnets":
-                new = f"{side}.{kind}.{level}.block.{index}.{tail.replace('conv_shortcut.', 'nin_shortcut.')}"
-            else:  # 'conv.weight' stays: downsample.conv / upsample.conv
-                new = f"{side}.{kind}.{level}.{part[:-8]}sample.{tail}"
-        elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", rest):
-            new = f"{side}.mid.block_{int(m.group(1)) + 1}.{m.group(2)}"
-        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", rest):
-            new = f"{side}.mid.attn_1.{_VAE_ATTENTION[m.group(1)]}.{m.group(2)}"
-            if m.group(1) != "group_norm" and tensor.ndim == 2:
-                tensor = tensor.reshape(*tensor.shape, 1, 1)  # linear [C, C] → 1x1 conv [C, C, 1, 1]
-        else:
-            raise _no_mapping("VAE", key)
-        out[VAE_PREFIX + new] = tensor
-    return out
-
-
-def clip_to_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a CLIPTextModel state dict to `cond_stage_model.transformer.text_model.*` keys.
-
-    transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); older versions had it,
-    so both spellings are accepted.
-    """
-    return {
-        f"{SD1_TEXT_PREFIX}text_model.{key.removeprefix('text_model.')}": tensor
-        for key, tensor in state.items()
-        if not key.endswith("position_ids")  # a constant buffer, not a weight
-    }
-
-
-_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                   "self_attn.out_proj": "attn.out_proj"}
-_OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
-                 "embeddings.position_embedding.weight": "positional_embedding",
-                 "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
-_CLIP_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
-
-
-def openclip_to_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """An SD2 text encoder (CLIPTextModel weights) as the OpenCLIP `cond_stage_model.model.*` keys.
-
-    OpenCLIP keeps q, k and v in one `in_proj` tensor; the projection and logit scale that SD never
-    uses are written as real files carry them (diffusers' loader skips both).
-    """
-    state = {key.removeprefix("text_model."): tensor for key, tensor in state.items() if not key.endswith("position_ids")}
-    out: dict[str, Tensor] = {}
-    for key, tensor in state.items():
-        if key in _OPENCLIP_TOP:
-            out[SD2_TEXT_PREFIX + _OPENCLIP_TOP[key]] = tensor
-            continue
-        match = _CLIP_LAYER_KEY.fullmatch(key)
-        if not match:
-            raise _no_mapping("text encoder", key)
-        layer, module, kind = match.groups()
-        prefix = f"{SD2_TEXT_PREFIX}transformer.resblocks.{layer}."
-        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            if module == "self_attn.q_proj":  # q, k, v stacked in that order, as OpenCLIP's attention stores them
-                parts = [state[f"encoder.layers.{layer}.self_attn.{name}.{kind}"] for name in ("q_proj", "k_proj", "v_proj")]
-                out[f"{prefix}attn.in_proj_{kind}"] = torch.cat(parts)
-            continue
-        if module not in _OPENCLIP_LAYER:
-            raise _no_mapping("text encoder", key)
-        out[f"{prefix}{_OPENCLIP_LAYER[module]}.{kind}"] = tensor
-    width = state["final_layer_norm.weight"].shape[0]
-    out[SD2_TEXT_PREFIX + "text_projection"] = torch.eye(width)
-    out[SD2_TEXT_PREFIX + "logit_scale"] = torch.tensor(4.6052)  # log(100), OpenCLIP's trained value
-    return out
-
-
-# ------------------------------------------------------------------------------------------ save
-
-
-def save_original_checkpoint(
-    components: dict, path: Path, builtin_name: str | None = None, dtype: torch.dtype = torch.float32
-) -> None:
-    """Write unet, vae and text_encoder as one original-layout SD1.x or SD2.x .safetensors file.
-
-    `builtin_name` goes into the file's metadata so that loading picks the same architecture.
-    Floating-point tensors are stored as `dtype` (fp32, or fp16 for half-size files).
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: original checkpoints are written as .safetensors; give a path ending in .safetensors")
-    family = "sd1"
-    if builtin_name is not None:
-        if builtin_name not in BUILTIN_MODELS:
-            raise CheckpointError(f"{path}: unknown builtin architecture {builtin_name!r}; available: {', '.join(BUILTIN_MODELS)}")
-        family = BUILTIN_MODELS[builtin_name].family
-    if family not in TEXT_WRITERS:
-        raise CheckpointError(f"{path}: saving {family} models as one file is not supported yet; only SD1.x and SD2.x")
-    missing = [name for name in ("unet", "vae", "text_encoder") if name not in components]
-    if missing:
-        raise CheckpointError(f"{path}: components lack {', '.join(missing)}; a single-file checkpoint holds unet, vae and text_encoder")
-
-    unet = components["unet"]
-    tensors: dict[str, Tensor] = {}
-    for part in (
-        unet_to_original(unet.state_dict(), unet.config.layers_per_block),
-        vae_to_original(components["vae"].state_dict()),
-        TEXT_WRITERS[family](components["text_encoder"].state_dict()),
-    ):
-        for key, tensor in part.items():
-            tensor = tensor.detach().to("cpu")
-            # safetensors stores raw buffers: they must be contiguous, and only floats change dtype
-            tensors[key] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
-
-    metadata = {"format": "pt", META_FAMILY: family}
-    if builtin_name is not None:
-        metadata[META_ARCHITECTURE] = builtin_name
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as temp:
-        save_file(tensors, str(temp), metadata=metadata)
-
-
-TEXT_WRITERS = {"sd1": clip_to_original, "sd2": openclip_to_original, "sd2-v": openclip_to_original}
 
 
 # ------------------------------------------------------------------------------------------ read

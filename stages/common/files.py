@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pandas as pd
 
@@ -56,3 +56,24 @@ def hash_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def prune_tree(root: str | Path, keep: Callable[[Path], bool]) -> tuple[int, int]:
+    """Delete every file under `root` that `keep` refuses, then the folders left empty: (files, bytes) freed.
+
+    The caches' `prune` options share this; each says in `keep` which of its entries are still in use.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return 0, 0
+    files = freed = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if keep(path):
+            continue
+        freed += path.stat().st_size
+        path.unlink()
+        files += 1
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return files, freed

@@ -46,10 +46,10 @@ def train_params(config: dict, run: str) -> str:
     return to_json({"model": config["model"], "run": run_section, "size": config["preprocess"]["size"]})
 
 
+EVALUATE_RUN_KEYS = ("token", "template", "validation_split", "init_text", "init_from")  # the run settings evaluate reads
+
+
 def evaluate_params(config: dict, run: str) -> str:
-    run_section = run_settings(config, run)
-    # template, split and start too: validation uses training's prompts, its held-out images and its starting vectors
-    return to_json({"model": config["model"], "evaluate": config["evaluate"], "size": config["preprocess"]["size"],
-                    "token": run_section["token"], "template": run_section["template"],
-                    "validation_split": run_section["validation_split"], "init_text": run_section["init_text"],
-                    "init_from": run_section.get("init_from")})
+    # only the run keys evaluate uses (prompts, held-out images, starting vectors): other train edits don't rerun it
+    run_section = {k: v for k, v in run_settings(config, run).items() if k in EVALUATE_RUN_KEYS}
+    return to_json({"model": config["model"], "evaluate": config["evaluate"], "size": config["preprocess"]["size"], "run": run_section})

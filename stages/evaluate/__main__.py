@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from stages.evaluate.report import RunToEvaluate
 
     if args.settings is not None:
-        # Snakemake passes {"evaluate": ..., "model": ..., "size": ..., "token": ..., "template": ...}
+        # Snakemake passes {"evaluate": ..., "model": ..., "size": ..., "run": {the run's EVALUATE_RUN_KEYS}}
         given = json.loads(args.settings)
         config = validate_config({k: given[k] for k in ("evaluate", "model") if k in given}, source="--settings")
         missing = [flag for flag, value in (("--train-dir", args.train_dir), ("--latents", args.latents),
@@ -49,17 +49,13 @@ def main(args: argparse.Namespace) -> int:
         if missing:
             raise ValueError(f"--settings needs {', '.join(missing)} too")
         size, out = _size(given.get("size", 512)), args.out
-        run = RunToEvaluate(args.run, given.get("token", args.run), given.get("template", "captions"),
-                            args.train_dir, args.latents, args.captions, given.get("validation_split", 0.0),
-                            given.get("init_text", "*"), given.get("init_from"))
+        run = RunToEvaluate.from_run_settings(args.run, given.get("run", {}), args.train_dir, args.latents, args.captions)
     else:
         config = load_full_config(args)
         root = Path(config["out_dir"])
-        settings = run_settings(config, args.run)
         size, out = _size(config["preprocess"]["size"]), args.out or root / "evaluate" / args.run
-        run = RunToEvaluate(args.run, settings["token"], settings["template"], args.train_dir or root / "train" / args.run,
-                            args.latents or root / "latents", args.captions or root / "caption", settings["validation_split"],
-                            settings["init_text"], settings.get("init_from"))
+        run = RunToEvaluate.from_run_settings(args.run, run_settings(config, args.run), args.train_dir or root / "train" / args.run,
+                                              args.latents or root / "latents", args.captions or root / "caption")
     from stages.common.models import load_model
     from stages.evaluate.report import evaluate_run
 

@@ -22,10 +22,6 @@ WARNING = ('<p class="warn">No saved checkpoint scores better than the vectors t
            "Lower train.learning_rate, check the captions (tiflow prompts shows them), or train longer.</p>")
 
 
-def _file_label(file: str) -> str:
-    return file if file.startswith("start:") else Path(file).name
-
-
 def format_number(value, digits: int = 4) -> str:
     if value is None:
         return "–"
@@ -58,9 +54,9 @@ def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_chec
         ("training loss, mean of the last 10% of steps", format_number(metrics["train_loss_last_10pct_mean"])),
     ]
     rows = "\n".join(
-        f'<tr class="{"best" if int(r.step) == metrics["best_step"] and not str(r.file).startswith("start:") else ""}">'
-        f'<td>{int(r.step)}</td><td>{format_number(r.val_loss)}</td>'
-        f'<td>{format_number(r.vector_norm)}</td><td class="left">{escape(_file_label(str(r.file)))}</td></tr>'
+        f'<tr class="{"best" if int(r.step) == metrics["best_step"] and not r.start else ""}">'
+        f'<td>{"start" if r.start else int(r.step)}</td><td>{format_number(r.val_loss)}</td>'
+        f'<td>{format_number(r.vector_norm)}</td><td class="left">{escape(str(r.file) if r.start else Path(r.file).name)}</td></tr>'
         for r in validation.itertuples()
     )
     best_links = ", ".join(f'<a href="{escape(f)}">{escape(f)}</a>' for f in metrics["best_files"])

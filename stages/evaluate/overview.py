@@ -25,8 +25,9 @@ def write_overview(evaluate_dir: Path, runs: list[str]) -> Path:
     rows, cards = [], []
     for run in runs:
         metrics_file = evaluate_dir / run / "metrics.json"
-        if not metrics_file.is_file():
-            raise FileNotFoundError(f"{metrics_file} does not exist; run the evaluate stage for {run!r} first")
+        for needed in (metrics_file, evaluate_dir / run / "val_loss.csv"):
+            if not needed.is_file():
+                raise FileNotFoundError(f"{needed} does not exist; run the evaluate stage for {run!r} first")
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         name = escape(run)
         change = metrics.get("val_loss_best_vs_start")

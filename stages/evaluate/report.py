@@ -29,8 +29,7 @@ from stages.evaluate.html import write_report
 from stages.evaluate.validation import (
     CheckpointModel,
     best_step,
-    find_checkpoints,
-    read_checkpoints,
+    load_checkpoints,
     score_checkpoints,
     starting_checkpoint,
 )
@@ -52,6 +51,12 @@ class RunToEvaluate:
     validation_split: float = 0.0  # train.validation_split: score on the images training held out
     init_text: str = "*"  # where training started, scored as the baseline row
     init_from: str | None = None
+
+    @classmethod
+    def from_run_settings(cls, name: str, settings: dict, train_dir: Path, latents_dir: Path, captions_dir: Path) -> "RunToEvaluate":
+        """From the run's settings (config's run_settings, or the part of it Snakemake passes: workflow.EVALUATE_RUN_KEYS)."""
+        return cls(name, settings.get("token", name), settings.get("template", "captions"), train_dir, latents_dir, captions_dir,
+                   settings.get("validation_split", 0.0), settings.get("init_text", "*"), settings.get("init_from"))
 
 
 def plot_loss(loss_csv: Path, validation: pd.DataFrame | None, target: Path) -> None:
@@ -75,17 +80,16 @@ def save_png(image, target: Path) -> None:
 def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: tuple[int, int], out_dir: Path,
                  clip_skip: int = 1, progress=None) -> dict:
     """Write every evaluate output for `run` into out_dir; return the metrics (also in metrics.json)."""
-    saved = find_checkpoints(run.train_dir, run.name)
-    embeddings = read_checkpoints(bundle, saved)
-    vectors = embeddings[saved[0].step].vector_count
-    start, start_embedding = starting_checkpoint(bundle, run.init_text, run.init_from, vectors)  # before the token exists
+    saved = load_checkpoints(bundle, run.train_dir, run.name)
+    embeddings = {checkpoint.step: embedding for checkpoint, embedding in saved}
+    first, final = saved[0][1], saved[-1][0]
+    start, start_embedding = starting_checkpoint(bundle, run.name, run.init_text, run.init_from, first.vector_count)  # before the token exists
     trained_on, held_out = split_validation(load_examples(run.latents_dir, run.captions_dir), run.validation_split)
     examples = held_out or trained_on  # the same split training made; without one, the training images
-    model = CheckpointModel(bundle, embeddings[saved[0].step], run.token, run.template, clip_skip)
+    model = CheckpointModel(bundle, first, run.token, run.template, clip_skip)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    scored = [(start, start_embedding)] + [(c, embeddings[c.step]) for c in saved]
-    validation = score_checkpoints(model, examples, scored, bundle.scheduler.config.num_train_timesteps,
+    validation = score_checkpoints(model, examples, [(start, start_embedding)] + saved, bundle.scheduler.config.num_train_timesteps,
                                    section["validation_samples"], section["validation_seed"], progress)
     write_csv_atomic(out_dir / "val_loss.csv", validation)
     best = best_step(validation)
@@ -96,12 +100,11 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     prompts = [p.replace("[name]", run.token) for p in section["prompts"]]
     seeds, render = section["seeds"], (size, section["steps"], section["guidance_scale"])
     negative = model.context([""])
-    final = saved[-1]
     model.use(embeddings[final.step], final.source)
     rows = render_samples(pipeline, [model.context([p]) for p in prompts], negative, seeds, *render)
     save_png(compose_grid(rows, prompts, seeds), out_dir / "grid.png")
 
-    shown = spread_steps([c.step for c in saved], section["checkpoint_grid"], best)
+    shown = spread_steps(sorted(embeddings), section["checkpoint_grid"], best)
     rows, labels = [], []
     for label, embedding in ([("start", start_embedding)] if shown else []) + [
             (f"step {step}{' (best)' if step == best else ''}", embeddings[step]) for step in shown]:  # short: cells can be 64 px
@@ -121,7 +124,7 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
 
 def _metrics(run: RunToEvaluate, validation: pd.DataFrame, best: int, final_step: int, examples: list, held_out: bool,
              section: dict, best_files: list[Path], out_dir: Path) -> dict:
-    is_start = validation.file.astype(str).str.startswith("start:")
+    is_start = validation.start.astype(bool)
     start_loss = float(validation[is_start].val_loss.iloc[0])
     trained = validation[~is_start]
     loss_of = dict(zip(trained.step, trained.val_loss))
@@ -134,7 +137,7 @@ def _metrics(run: RunToEvaluate, validation: pd.DataFrame, best: int, final_step
         "checkpoints": len(trained),
         "final_step": final_step,
         "best_step": best,
-        "start": str(validation[is_start].file.iloc[0]).removeprefix("start: "),
+        "start": str(validation[is_start].file.iloc[0]),
         "val_loss_start": _number(start_loss),
         "val_loss_best": _number(loss_of[best]),
         "val_loss_final": _number(loss_of[final_step]),

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.common.files import write_text_atomic
+from stages.common.files import prune_tree, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +84,9 @@ def prune_cache(root: Path, settings_key: str, keep_contents: set[str]) -> tuple
     """Delete every entry under `root` except this settings key's entries for `keep_contents`: (files, bytes) freed.
 
     Entry files are named after their content hash (`<sha>.json`, `<sha>-<n>.png`, `<sha>-focal.jpg`);
-    leftovers of interrupted writes go too.
+    leftovers of interrupted writes (`.<name>.partial`) match no hash and go too.
     """
-    files = freed = 0
-    if not root.is_dir():
-        return 0, 0
-    for path in sorted(root.rglob("*")):
-        if not path.is_file():
-            continue
-        key_folder = path.relative_to(root).parts[0]
-        content = path.name.split(".")[0].split("-")[0]
-        if key_folder == settings_key and content in keep_contents:
-            continue
-        freed += path.stat().st_size
-        path.unlink()
-        files += 1
-    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    return files, freed
+    def in_use(path: Path) -> bool:
+        return path.relative_to(root).parts[0] == settings_key and path.name.split(".")[0].split("-")[0] in keep_contents
+
+    return prune_tree(root, in_use)

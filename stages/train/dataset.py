@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 
 class LatentExample:
@@ -27,15 +27,26 @@ class LatentExample:
 
     @property
     def mean(self) -> torch.Tensor:
-        return self._mean if self._mean is not None else self._read("mean")
+        return self._mean if self._mean is not None else self._read("mean")[0]
 
     @property
     def logvar(self) -> torch.Tensor:
-        return self._logvar if self._logvar is not None else self._read("logvar")
+        return self._logvar if self._logvar is not None else self._read("logvar")[0]
 
-    def _read(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.latent_file), framework="pt") as entry:
-            return entry.get_tensor(name)
+    def distribution(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar), from one read of the cache file."""
+        if self._mean is not None and self._logvar is not None:
+            return self._mean, self._logvar
+        mean, logvar = self._read("mean", "logvar")
+        return mean, logvar
+
+    def _read(self, *names: str) -> list[torch.Tensor]:
+        try:
+            with safe_open(str(self.latent_file), framework="pt") as entry:
+                return [entry.get_tensor(name) for name in names]
+        except (OSError, SafetensorError) as error:
+            raise FileNotFoundError(f"{self.latent_file} (the latents of {self.image}) can no longer be read ({error}); "
+                                    "rerun cache_latents, and don't prune its store while training runs") from None
 
     def __repr__(self) -> str:
         return f"LatentExample({self.image!r}, caption={self.caption!r}, latent_file={self.latent_file})"
@@ -85,8 +96,9 @@ def sample_latent(example: LatentExample, method: str, generator: torch.Generato
         return example.mean
     if method == "once" and fixed is not None:
         return fixed
-    eps = torch.randn(example.mean.shape, generator=generator)  # eps ~ N(0, I)
-    return example.mean + torch.exp(0.5 * example.logvar) * eps  # z = mu + sigma * eps
+    mean, logvar = example.distribution()  # one read for a file-backed example
+    eps = torch.randn(mean.shape, generator=generator)  # eps ~ N(0, I)
+    return mean + torch.exp(0.5 * logvar) * eps  # z = mu + sigma * eps
 
 
 def once_sample(example: LatentExample, index: int, seed: int) -> torch.Tensor:

@@ -164,12 +164,21 @@ def prepare_modules(bundle: ModelBundle, settings: TrainSettings, device: torch.
 
 
 def fixed_probe(examples: list[LatentExample], count: int, seed: int, num_timesteps: int):
-    """A held-fixed set of (example index, noise, timestep) to measure loss comparably across steps."""
+    """A held-fixed set of (example index, noise, timestep) to measure loss comparably across steps.
+
+    The timesteps are spread evenly over the schedule (shuffled over the examples): every noise
+    level counts, and the number varies less between seeds than with random timesteps.
+    """
     generator = torch.Generator().manual_seed(seed)
     picks = [i % len(examples) for i in range(count)]
     noise = [torch.randn(examples[i].mean.shape, generator=generator) for i in picks]
-    timesteps = torch.randint(0, num_timesteps, (count,), generator=generator)
-    return picks, noise, timesteps
+    spread = ((torch.arange(count) + 0.5) * num_timesteps / count).long().clamp(max=num_timesteps - 1)
+    return picks, noise, spread[torch.randperm(count, generator=generator)]
+
+
+def probe_prompts(template: list[str] | None, examples: list[LatentExample], token: str) -> list[str]:
+    """Each example's prompt as training builds it, without augmentation: the first template line, or its caption."""
+    return [build_prompt(template[0] if template else None, e.caption, token) for e in examples]
 
 
 @torch.no_grad()
@@ -203,7 +212,7 @@ class Trainer:
         self.caption_rng = random.Random(settings.seed + 1)  # templates and caption augmentation
         self.step, self.base_step, self.skipped, self.log_rows = 0, start_step, 0, []
         self.probe = fixed_probe(examples, min(16, 2 * len(examples)), settings.seed + 3, bundle.scheduler.config.num_train_timesteps)
-        self.probe_prompts = [build_prompt(self.template[0] if self.template else None, e.caption, settings.token) for e in examples]
+        self.probe_prompts = probe_prompts(self.template, examples, settings.token)
         self.probe_start = float("nan")
 
     # -- state -------------------------------------------------------------------------------
