@@ -41,7 +41,7 @@ rule preprocess:
     threads: workflow.cores
     shell:
         "{PY} -m stages.preprocess --settings {params.settings:q} --images {params.images:q} --out {params.out:q}"
-        " --cache {params.cache:q} --threads {threads} 2>&1 | tee {log:q}"
+        " --cache {params.cache:q} --threads {threads} --log {log:q}"
 
 
 rule caption:
@@ -60,7 +60,7 @@ rule caption:
     threads: workflow.cores if tagger_inputs(config["caption"]) else 1
     shell:
         "{PY} -m stages.caption --settings {params.settings:q} --preprocessed {params.preprocessed:q} --out {params.out:q}"
-        " --store {params.store:q} --threads {threads} 2>&1 | tee {log:q}"
+        " --store {params.store:q} --threads {threads} --log {log:q}"
 
 
 rule cache_latents:
@@ -80,7 +80,7 @@ rule cache_latents:
     threads: workflow.cores
     shell:
         "{PY} -m stages.cache_latents --settings {params.settings:q} {params.flip} --preprocessed {params.preprocessed:q}"
-        " --out {params.out:q} --store {params.store:q} --threads {threads} 2>&1 | tee {log:q}"
+        " --out {params.out:q} --store {params.store:q} --threads {threads} --log {log:q}"
 
 
 rule train:
@@ -104,7 +104,7 @@ rule train:
     threads: workflow.cores
     shell:
         "{PY} -m stages.train --settings {params.settings:q} --run {wildcards.run:q} --latents {params.latents:q}"
-        " --captions {params.captions:q} --out {params.out:q} --state-dir {params.state:q} 2>&1 | tee {log:q}"
+        " --captions {params.captions:q} --out {params.out:q} --state-dir {params.state:q} --log {log:q}"
 
 
 rule evaluate:
@@ -132,7 +132,7 @@ rule evaluate:
     threads: workflow.cores
     shell:
         "{PY} -m stages.evaluate --settings {params.settings:q} --run {wildcards.run:q} --train-dir {params.train_dir:q}"
-        " --latents {params.latents:q} --captions {params.captions:q} --out {params.out:q} 2>&1 | tee {log:q}"
+        " --latents {params.latents:q} --captions {params.captions:q} --out {params.out:q} --log {log:q}"
 
 
 rule overview:
@@ -148,4 +148,4 @@ rule overview:
     log:
         f"{OUT}/logs/overview.log",
     shell:
-        "{PY} -m stages.evaluate --overview --out {params.out:q} --runs {params.runs} 2>&1 | tee {log:q}"
+        "{PY} -m stages.evaluate --overview --out {params.out:q} --runs {params.runs} --log {log:q}"

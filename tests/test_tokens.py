@@ -22,16 +22,33 @@ def test_new_tokens_get_ids_above_the_vocabulary(tiny_bundle):
     assert expand_trigger("a photo of zzqtok, zzqtokx", "zzqtok", 3) == "a photo of zzqtok zzqtok_1 zzqtok_2, zzqtokx"
 
 
-def test_init_text_fills_vectors_the_automatic1111_way(tiny_bundle):
-    tokenizer, weight = tiny_bundle.tokenizer, tiny_bundle.text_encoder.get_input_embeddings().weight
-    ids = tokenizer("red toy", add_special_tokens=False).input_ids
-    assert len(ids) == 2
-    four = initial_vectors(tokenizer, weight, "red toy", 4)  # repeated: red toy red toy
-    assert torch.equal(four, weight[[ids[0], ids[1], ids[0], ids[1]]])
-    one = initial_vectors(tokenizer, weight, "red toy", 1)  # cut to the first
-    assert torch.equal(one, weight[[ids[0]]])
-    assert torch.count_nonzero(initial_vectors(tokenizer, weight, "*", 2)) == 0
-    assert torch.count_nonzero(initial_vectors(tokenizer, weight, "", 2)) == 0
+def a1111_initial_vectors(tokenizer, weight, init_text: str, nvpt: int) -> torch.Tensor:
+    """AUTOMATIC1111's create_embedding (modules/textual_inversion/textual_inversion.py), restated as the reference:
+    embed `init_text or '*'` (cut to nvpt tokens), then vec[i] = embedded[i * len(embedded) // nvpt]; zeros unless init_text."""
+    ids = tokenizer(init_text or "*", max_length=nvpt, truncation=True, add_special_tokens=False).input_ids
+    embedded = weight[torch.tensor(ids)]
+    vec = torch.zeros((nvpt, weight.shape[1]))
+    if init_text:
+        for i in range(nvpt):
+            vec[i] = embedded[i * int(embedded.shape[0]) // nvpt]
+    return vec
+
+
+@pytest.mark.parametrize("init_text, vectors", [("red toy", 4), ("red toy", 3), ("red toy", 2), ("cat", 5), ("*", 2), ("", 3)])
+def test_init_text_fills_vectors_the_automatic1111_way(tiny_bundle, init_text, vectors):
+    tokenizer, weight = tiny_bundle.tokenizer, tiny_bundle.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(initial_vectors(tokenizer, weight, init_text, vectors), a1111_initial_vectors(tokenizer, weight, init_text, vectors))
+
+
+def test_init_text_is_stretched_not_tiled_and_star_is_a_word(tiny_bundle):
+    tokenizer, weight = tiny_bundle.tokenizer, tiny_bundle.text_encoder.get_input_embeddings().weight.detach()
+    red, toy = tokenizer("red toy", add_special_tokens=False).input_ids
+    assert torch.equal(initial_vectors(tokenizer, weight, "red toy", 4), weight[[red, red, toy, toy]])  # not red toy red toy
+    star = tokenizer("*", add_special_tokens=False).input_ids
+    assert torch.equal(initial_vectors(tokenizer, weight, "*", 2), weight[star * 2])  # the * token, not zeros
+    assert torch.count_nonzero(initial_vectors(tokenizer, weight, "", 2)) == 0  # only an empty init text gives zeros
+    with pytest.raises(TokenError, match="is 2 tokens but the embedding has vectors: 1"):
+        initial_vectors(tokenizer, weight, "red toy", 1)  # SPEC §5: refused rather than cut as AUTOMATIC1111 does
 
 
 def test_only_the_new_rows_receive_gradients(tiny_bundle):

@@ -25,14 +25,15 @@ class Family:
     vae_scaling_factor: float  # latents are multiplied by this before the UNet sees them
     pad_with_eos: bool  # SD1 pads prompts with <|endoftext|>, OpenCLIP models with "!" (id 0)
     penultimate_layer: bool  # SDXL conditions on hidden_states[-2] without the final norm
+    a1111_clip_skip: bool = True  # AUTOMATIC1111/Forge apply the Clip skip setting to this family (not to OpenCLIP SD 2.x)
 
 
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
         Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L/14)", (TextEncoderSlot("emb_params", 768),), "epsilon", 512, 0.18215, True, False),
-        Family("sd2", "Stable Diffusion 2.x base (OpenCLIP ViT-H/14, epsilon)", (TextEncoderSlot("emb_params", 1024),), "epsilon", 512, 0.18215, False, False),
-        Family("sd2-v", "Stable Diffusion 2.x 768-v (OpenCLIP ViT-H/14, v-prediction)", (TextEncoderSlot("emb_params", 1024),), "v_prediction", 768, 0.18215, False, False),
+        Family("sd2", "Stable Diffusion 2.x base (OpenCLIP ViT-H/14, epsilon)", (TextEncoderSlot("emb_params", 1024),), "epsilon", 512, 0.18215, False, False, False),
+        Family("sd2-v", "Stable Diffusion 2.x 768-v (OpenCLIP ViT-H/14, v-prediction)", (TextEncoderSlot("emb_params", 1024),), "v_prediction", 768, 0.18215, False, False, False),
         Family(
             "sdxl",
             "Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG)",
@@ -45,6 +46,15 @@ FAMILIES: dict[str, Family] = {
         ),
     )
 }
+
+
+def clip_skip_warning(family: Family, clip_skip: int) -> str | None:
+    """What to tell a user whose clip_skip the usual generator will not apply to this family."""
+    if clip_skip == 1 or family.a1111_clip_skip:
+        return None
+    return (f"model.clip_skip: {clip_skip} on {family.name}: AUTOMATIC1111 and Forge ignore Clip skip for SD 2.x (OpenCLIP) models, "
+            f"so an embedding trained on layer -{clip_skip} will meet another layer there. Keep it only if you generate with "
+            "kohya's scripts or ComfyUI's CLIPSetLastLayer at the same setting; set clip_skip: 1 to train for AUTOMATIC1111")
 
 
 def get_family(name: str) -> Family:

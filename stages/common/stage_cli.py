@@ -5,10 +5,12 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 from stages.common.config import ConfigError, load_config, validate_config
+from stages.common.console import routed_output
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +18,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", type=Path, default=None, help="read settings and paths from this config.yaml (default when nothing else is given: ./config.yaml)")
     source.add_argument("--settings", default=None, help="this stage's config section as JSON (what Snakemake passes)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--log", type=Path, default=None,
+                        help="also append everything the stage prints to this file, as plain lines (what Snakemake passes)")
 
 
 def load_full_config(args: argparse.Namespace) -> dict:
@@ -32,14 +36,18 @@ def section_from_json(section: str, text: str) -> dict:
 
 
 def run_stage(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse arguments, set up logging once, run `main`; a refused input prints one line and exits 1."""
+    """Parse arguments, route output (--log), set up logging once, run `main`; a refused input prints one line and exits 1."""
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return main(args)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    with routed_output(getattr(args, "log", None)) as log_file:  # before logging is set up, so log records go through it too
+        if log_file is not None:
+            print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {parser.prog}", file=log_file.file, flush=True)
+        logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return main(args)
+        except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{parser.prog}: interrupted", file=sys.stderr)
+            return 130

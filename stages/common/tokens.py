@@ -40,20 +40,26 @@ def add_placeholder_tokens(tokenizer, trigger: str, vectors: int) -> list[int]:
 
 
 def initial_vectors(tokenizer, token_embedding: torch.Tensor, init_text: str, vectors: int) -> torch.Tensor:
-    """AUTOMATIC1111's initialisation: the init text's token vectors, repeated or cut to `vectors`.
+    """AUTOMATIC1111's initialisation: the init text's token vectors, stretched over `vectors`.
 
-    "*" or an empty init text gives zeros.
+    As in AUTOMATIC1111's create_embedding, vector i takes token i * tokens // vectors, so
+    "red toy" over 4 vectors is red red toy toy. An empty init text gives zeros; "*" is a word
+    like any other (the `*` token's vector). More tokens than vectors is refused (SPEC §5):
+    AUTOMATIC1111 would silently drop the words that do not fit.
     """
     width = token_embedding.shape[1]
     result = torch.zeros(vectors, width, dtype=torch.float32)
-    if init_text.strip() in ("", "*"):
+    if not init_text.strip():
         return result
     ids = tokenizer(init_text, add_special_tokens=False).input_ids
     if not ids:
-        raise TokenError(f"init_text {init_text!r} has no tokens; use a word close to the concept, or '*' for zeros")
+        raise TokenError(f"init_text {init_text!r} has no tokens; use a word close to the concept, or \"\" to start from zeros")
+    if len(ids) > vectors:
+        raise TokenError(f"init_text {init_text!r} is {len(ids)} tokens but the embedding has vectors: {vectors}; "
+                         f"raise vectors to {len(ids)} or shorten init_text (AUTOMATIC1111 would drop the words that do not fit)")
     source = token_embedding[torch.tensor(ids)].float()
     for i in range(vectors):
-        result[i] = source[i % len(ids)]
+        result[i] = source[i * len(ids) // vectors]
     return result
 
 

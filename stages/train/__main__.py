@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from stages.common.config import run_settings, validate_config
+from stages.common.families import clip_skip_warning
 from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
 
 
@@ -65,12 +67,15 @@ def main(args: argparse.Namespace) -> int:
 
     train_settings = TrainSettings.from_section(settings, clip_skip=model_section["clip_skip"])
     bundle = load_model(model_section["path"], model_section["family"])
+    warning = clip_skip_warning(bundle.family, model_section["clip_skip"])
+    if warning:
+        logging.getLogger("stages.train").warning(warning)
     examples, held_out = split_validation(load_examples(paths["latents"], paths["captions"]), train_settings.validation_split)
     if held_out:
         print(f"train: {args.run}: {len(held_out)} of {len(examples) + len(held_out)} latents held out for validation "
               f"(validation_split {train_settings.validation_split}): {', '.join(sorted({e.image for e in held_out}))}")
     start_vectors, start_step = starting_point(train_settings, bundle)
-    state_dir = paths["state"] / resume_key(settings, bundle.identity, paths["latents"] / "manifest.csv", paths["captions"] / "captions.csv")
+    state_dir = paths["state"] / resume_key(settings, bundle.identity, bundle.family.name, model_section["clip_skip"], paths["latents"] / "manifest.csv", paths["captions"] / "captions.csv")
     size = paths["size"] if isinstance(paths["size"], list) else [paths["size"]] * 2
     previewer = make_previewer(bundle, train_settings.preview, train_settings.token, tuple(size), RunOutputs(paths["out"], args.run)) \
         if train_settings.preview_every else None
@@ -88,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     reporter.close()
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
-    print(f"train: {args.run} done after {train_settings.steps} steps{resumed}; loss on fixed noise {result.probe_loss_start:.4f} → "
+    print(f"train: {args.run} done at step {result.embedding.step}{resumed}; loss on fixed noise {result.probe_loss_start:.4f} → "
           f"{result.probe_loss_end:.4f}; wrote {paths['out'] / (args.run + '.safetensors')}")
     return 0
 

@@ -19,11 +19,23 @@ class LatentExample:
     """
 
     def __init__(self, image: str, mean: torch.Tensor | None = None, logvar: torch.Tensor | None = None, caption: str = "",
-                 image_sha256: str = "", latent_file: Path | None = None):
+                 image_sha256: str = "", latent_file: Path | None = None, latent_size: tuple[int, int] | None = None):
         if (mean is None or logvar is None) and latent_file is None:
             raise ValueError(f"{image}: a latent example needs mean and logvar, or the cache file that holds them")
         self.image, self.caption, self.image_sha256, self.latent_file = image, caption, image_sha256, latent_file
         self._mean, self._logvar = mean, logvar
+        self._latent_size = latent_size
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(height, width) of the latent: examples of one size can share a batch."""
+        if self._latent_size is None:
+            if self._mean is not None:
+                self._latent_size = tuple(self._mean.shape[-2:])
+            else:
+                with safe_open(str(self.latent_file), framework="pt") as entry:
+                    self._latent_size = tuple(entry.get_slice("mean").get_shape()[-2:])
+        return self._latent_size
 
     @property
     def mean(self) -> torch.Tensor:
@@ -64,8 +76,9 @@ def load_examples(latents_dir: Path, captions_dir: Path) -> list[LatentExample]:
         latent_path = latents_dir / record.latent_file
         if not latent_path.is_file():
             raise FileNotFoundError(f"{latent_path} (listed in {latents_dir / 'manifest.csv'}) is missing; rerun cache_latents")
+        size = (int(record.latent_height), int(record.latent_width)) if hasattr(record, "latent_height") else None
         examples.append(LatentExample(record.image, caption=str(caption_of[record.image]),
-                                      image_sha256=str(getattr(record, "image_sha256", "")), latent_file=latent_path))
+                                      image_sha256=str(getattr(record, "image_sha256", "")), latent_file=latent_path, latent_size=size))
     if not examples:
         raise ValueError(f"{latents_dir / 'manifest.csv'} lists no latents; nothing to train on")
     return examples
@@ -107,27 +120,50 @@ def once_sample(example: LatentExample, index: int, seed: int) -> torch.Tensor:
     return sample_latent(example, "random", torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
-class ExampleOrder:
-    """Shuffled passes over the examples, each image `repeats` times per pass; resumable mid-pass."""
+class BatchOrder:
+    """Shuffled passes of batches, every batch from one latent size; each image `repeats` times a pass; resumable.
 
-    def __init__(self, count: int, repeats: int, seed: int):
-        self.count, self.repeats = count, repeats
+    As kohya's buckets and AUTOMATIC1111's grouped sampler do: each pass shuffles the examples of
+    each size, cuts them into batches of `batch_size` (the last of a size may be smaller), and
+    shuffles the batches, so the order stays seeded while sizes never mix in one batch.
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, repeats: int, seed: int):
+        self.sizes, self.batch_size, self.repeats = list(sizes), batch_size, repeats
         self.rng = random.Random(seed)
-        self.pending: list[int] = []
+        self.pending: list[list[int]] = []
 
-    def take(self, n: int) -> list[int]:
-        taken = []
-        for _ in range(n):
-            if not self.pending:
-                self.pending = [i for i in range(self.count) for _ in range(self.repeats)]
-                self.rng.shuffle(self.pending)
-            taken.append(self.pending.pop())
-        return taken
+    def buckets(self) -> dict[tuple[int, int], list[int]]:
+        """Example indices by latent size, sizes in sorted order (the order is part of the seeded result)."""
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(self.sizes):
+            by_size.setdefault(tuple(size), []).append(index)
+        return dict(sorted(by_size.items()))
+
+    def small_buckets(self) -> dict[tuple[int, int], int]:
+        """Sizes with fewer entries per pass than batch_size: their batches are smaller (kohya does the same)."""
+        return {size: len(indices) * self.repeats for size, indices in self.buckets().items()
+                if len(indices) * self.repeats < self.batch_size}
+
+    def next_batch(self) -> list[int]:
+        if not self.pending:
+            self.pending = self._new_pass()
+        return self.pending.pop()
+
+    def _new_pass(self) -> list[list[int]]:
+        batches = []
+        for indices in self.buckets().values():
+            entries = [i for i in indices for _ in range(self.repeats)]
+            self.rng.shuffle(entries)
+            batches += [entries[start:start + self.batch_size] for start in range(0, len(entries), self.batch_size)]
+        self.rng.shuffle(batches)
+        batches.reverse()  # popped from the end: the first batch of the pass is batches[0] of the shuffle
+        return batches
 
     def state_dict(self) -> dict:
-        return {"pending": list(self.pending), "rng": self.rng.getstate()}
+        return {"pending": [list(batch) for batch in self.pending], "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
-        self.pending = list(state["pending"])
+        self.pending = [list(batch) for batch in state["pending"]]

@@ -1,4 +1,4 @@
-"""SIGINT/SIGTERM (Ctrl-C, a scheduler's pre-emption) become a request to stop after the current step."""
+"""SIGINT/SIGTERM/SIGHUP (Ctrl-C, a scheduler's pre-emption, a closed terminal) become a request to stop after the current step."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,9 @@ import threading
 from typing import Iterator
 
 log = logging.getLogger(__name__)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TrainingInterrupted(Exception):
@@ -29,7 +32,7 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """Install SIGINT/SIGTERM handlers for the block (main thread only) and restore the old ones after."""
+    """Install SIGINT/SIGTERM/SIGHUP handlers for the block (main thread only) and restore the old ones after."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -41,7 +44,7 @@ def stop_on_signals() -> Iterator[StopRequest]:
         request.signal_name = signal.Signals(signum).name
         log.warning("%s received: saving after this step", request.signal_name)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
     try:
         yield request
     finally:

@@ -16,6 +16,12 @@ class ProgressReporter:
                 raise ValueError("train.tensorboard: needs the tensorboard package (pip install tensorboard); or set it to false") from None
             self.writer = SummaryWriter(str(tensorboard_dir))
 
+    def begin(self, total_steps: int, done_steps: int) -> None:
+        """The steps this training takes (the schedule may end before train.steps), and those a resume skips."""
+        self.bar.total = total_steps
+        self.bar.update(done_steps - self.last_step)
+        self.last_step = done_steps
+
     def __call__(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
         self.bar.update(step - self.last_step)  # jumps over resumed steps
         self.last_step = step

@@ -21,9 +21,18 @@ log = logging.getLogger(__name__)
 _RESUME_INSENSITIVE = {"name", "steps", "save_every", "preview_every", "preview", "tensorboard", "max_nan_steps", "compile"}
 
 
-def resume_key(settings: dict, model_identity: str, latents_manifest: Path, captions_table: Path) -> str:
+def resume_key(settings: dict, model_identity: str, family: str, clip_skip: int, latents_manifest: Path, captions_table: Path) -> str:
+    """The state folder's name: a hash of everything that changes what this training learns.
+
+    Besides the run's own settings: the model's weights, the family it is trained as (the same
+    file trains differently as sd2 and sd2-v), the text-encoder layer (clip_skip), the content of
+    the init_from file (not its path: a replaced file is a new start), the latents and the captions.
+    """
     relevant = {k: v for k, v in sorted(settings.items()) if k not in _RESUME_INSENSITIVE}
-    parts = [json.dumps(relevant, sort_keys=True, default=str), model_identity, hash_file(latents_manifest), hash_file(captions_table)]
+    if relevant.get("init_from"):
+        relevant["init_from"] = hash_file(relevant["init_from"])
+    parts = [json.dumps(relevant, sort_keys=True, default=str), model_identity, family, str(clip_skip),
+             hash_file(latents_manifest), hash_file(captions_table)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from stages.common.tokens import (
     install_trainable_embedding,
     tokenize_prompts,
 )
-from stages.train.dataset import ExampleOrder, LatentExample, once_sample, sample_latent
+from stages.train.dataset import BatchOrder, LatentExample, once_sample, sample_latent
 from stages.train.interrupt import TrainingInterrupted, stop_on_signals
 from stages.train.optim import LearningRate, build_optimizer
 from stages.train.outputs import RunOutputs
@@ -30,6 +31,8 @@ from stages.common.prompts import augment_caption, build_prompt, load_template
 from stages.train.resume import ResumeStore
 
 log = logging.getLogger(__name__)
+
+STATE_VERSION = 2  # the resume state's layout; another version starts over instead of failing
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile: bool = False
+    deterministic: bool = False
     max_nan_steps: int = 10
     preview_every: int = 0
     preview: dict = field(default_factory=dict)
@@ -139,15 +143,30 @@ class TextualInversion:
             target = noise  # eps-prediction
         return F.mse_loss(prediction.float(), target.float())
 
-    def current_embedding(self, step: int) -> Embedding:
+    def current_embedding(self, step: int, name: str | None = None) -> Embedding:
         return Embedding.from_tensors(
-            self.settings.name, self.bundle.family, [self.vectors.detach()],
+            name or self.settings.name, self.bundle.family, [self.vectors.detach()],
             step=step, checkpoint_hash=self.bundle.identity, checkpoint_name=self.bundle.display_name,
         )
 
 
+def use_deterministic_kernels(enabled: bool, device: torch.device) -> None:
+    """train.deterministic: only kernels that give the same bits on every run, where torch has them.
+
+    On a CPU, runs are reproducible without this (stages/__init__.py fixes MKL's code path); on a
+    GPU, atomics in some backward kernels and cuBLAS's workspace reuse make runs differ unless told.
+    """
+    if not enabled:
+        return
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed before cuBLAS's first call
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True)
+
+
 def prepare_modules(bundle: ModelBundle, settings: TrainSettings, device: torch.device) -> torch.dtype:
     """Move the frozen modules to the device in the chosen precision and apply the speed options."""
+    use_deterministic_kernels(settings.deterministic, device)
     dtype = resolve_precision(settings.precision, device)
     for module in (bundle.unet, bundle.text_encoder, bundle.vae):
         module.to(device)
@@ -201,13 +220,23 @@ class Trainer:
         self.device = pick_device()
         self.model = TextualInversion(bundle, settings, start_vectors)
         self.dtype = prepare_modules(bundle, settings, self.device)
-        # the frozen encoder may now be fp16/bf16; the trained vectors stay fp32, the master copy
-        self.model.vectors.data = self.model.vectors.data.to(device=self.device, dtype=torch.float32)
+        # the frozen encoder may now be fp16/bf16, which rounded the vectors it holds; the trained
+        # vectors stay fp32 (the master copy) and start from the unrounded starting vectors
+        self.model.vectors.data = self.model.initial.detach().clone().to(device=self.device, dtype=torch.float32)
         self.optimizer = build_optimizer([self.model.vectors], settings.optimizer, settings.weight_decay, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.rate = LearningRate(settings.learning_rate, settings.lr_scheduler, settings.lr_warmup_steps, settings.steps)
+        self.rate = LearningRate(settings.learning_rate, settings.lr_scheduler, settings.lr_warmup_steps, settings.steps, start_step)
+        if self.rate.steps_to_take <= 0:
+            raise ValueError(f"train.steps: {settings.steps} is not past step {start_step}, where init_from's embedding already is; "
+                             f"steps count from the embedding's first step (AUTOMATIC1111's Max steps), so set steps above {start_step}")
+        if self.rate.end < settings.steps:
+            log.warning("the learning-rate schedule %r ends at step %d, before steps: %d; training stops there, as in AUTOMATIC1111. "
+                        "End the schedule with a plain rate (or rate:-1) to train until steps", settings.learning_rate, self.rate.end, settings.steps)
         self.template = load_template(settings.template)
-        self.order = ExampleOrder(len(examples), settings.repeats, settings.seed)
+        self.order = BatchOrder([e.latent_size for e in examples], settings.batch_size, settings.repeats, settings.seed)
+        for size, count in self.order.small_buckets().items():
+            log.warning("only %d images of latent size %dx%d (with repeats), fewer than batch_size %d: their batches hold %d, "
+                        "as in kohya's buckets", count, size[1], size[0], settings.batch_size, count)
         self.generator = torch.Generator().manual_seed(settings.seed)  # noise and timesteps
         self.caption_rng = random.Random(settings.seed + 1)  # templates and caption augmentation
         self.step, self.base_step, self.skipped, self.log_rows = 0, start_step, 0, []
@@ -222,6 +251,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "order": self.order.state_dict(),
             "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate(),
             "log_rows": self.log_rows, "probe_start": self.probe_start, "settings": asdict(self.settings),
+            "version": STATE_VERSION,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -237,13 +267,14 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Snapshot embedding under steps/ and the full state in the resume store."""
-        self.outputs.save_snapshot(self.model.current_embedding(self.base_step + self.step), self.step)
+        step = self.base_step + self.step
+        self.outputs.save_snapshot(self.model.current_embedding(step, f"{self.settings.name}-{step}"), self.step)
         self.outputs.write_loss_log(self.log_rows)
         self.store.save(self.state_dict())
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, list[str]]:
-        indices = self.order.take(self.settings.batch_size)
+        indices = self.order.next_batch()  # all of one latent size
         latents = torch.stack([
             sample_latent(self.examples[i], self.settings.latent_sampling, self.generator,
                           once_sample(self.examples[i], i, self.settings.seed + 2) if self.settings.latent_sampling == "once" else None)
@@ -276,6 +307,7 @@ class Trainer:
         grad = self.model.vectors.grad
         if not math.isfinite(step_loss) or (grad is not None and not torch.isfinite(grad).all() and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # closes this step for the loss scaler (and lowers its scale); without it the next unscale_ fails
             return float("nan")
         if self.settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([self.model.vectors], self.settings.max_grad_norm)
@@ -290,9 +322,11 @@ class Trainer:
         if math.isnan(self.probe_start):
             self.probe_start = probe_loss(self.model, self.examples, self.probe, self.probe_prompts)
         resumed_from = self.step
+        if reporter is not None and hasattr(reporter, "begin"):
+            reporter.begin(self.rate.steps_to_take, self.step)
         started, steps_timed = time.perf_counter(), 0
         with stop_on_signals() as stop:
-            while self.step < s.steps:
+            while self.step < self.rate.steps_to_take:
                 loss = self.train_step()
                 if math.isnan(loss):
                     self.skipped += 1
@@ -314,9 +348,9 @@ class Trainer:
                 if stop.requested:
                     self.save_checkpoint()
                     raise TrainingInterrupted(self.base_step + self.step, stop.signal_name)
-                if s.save_every and self.step % s.save_every == 0 and self.step < s.steps:
+                if s.save_every and self.step % s.save_every == 0 and self.step < self.rate.steps_to_take:
                     self.save_checkpoint()
-        final = self.model.current_embedding(self.base_step + s.steps)
+        final = self.model.current_embedding(self.rate.end)
         self.outputs.save_final(final, self.log_rows)
         self.store.save(self.state_dict())  # a deleted output can be rewritten from here without training
         return TrainResult(
@@ -347,11 +381,15 @@ def train_embedding(
     store = ResumeStore(state_dir)
     trainer = Trainer(bundle, examples, settings, RunOutputs(out_dir, settings.name), store, start_vectors, start_step)
     state = store.load()
-    if state is not None and state["step"] <= settings.steps:
+    if state is not None and state.get("version") != STATE_VERSION:
+        log.warning("the saved state %s is from an older tiflow; training starts over", store.path)
+        state = None
+    if state is not None and state["step"] <= trainer.rate.steps_to_take:
         trainer.load_state_dict(state)
-        log.info("resuming %s from step %d of %d (%s)", settings.name, trainer.step, settings.steps, store.path)
+        log.info("resuming %s from step %d of %d (%s)", settings.name, trainer.base_step + trainer.step, trainer.rate.end, store.path)
     else:
         if state is not None:
-            log.warning("the saved state is at step %d, past steps=%d; training starts over", state["step"], settings.steps)
+            log.warning("the saved state is at step %d, past the end at step %d; training starts over",
+                        trainer.base_step + state["step"], trainer.rate.end)
         trainer.outputs.set_aside_earlier_snapshots()  # a new training: steps/ holds only its own snapshots
     return trainer.run(reporter, preview)
