@@ -28,7 +28,7 @@ def write_run(train_dir, vectors_by_step: dict[int, torch.Tensor]) -> None:
     pd.DataFrame({"step": range(1, steps[-1] + 1), "loss": 1.0, "lr": 0.005, "images_per_s": 1.0}).to_csv(train_dir / "loss.csv", index=False)
 
 
-def run_of(tmp_path, demo_prepared, init_text: str = "*") -> RunToEvaluate:
+def run_of(tmp_path, demo_prepared, init_text: str = "") -> RunToEvaluate:
     return RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption",
                          init_text=init_text)
 
@@ -49,7 +49,7 @@ def test_every_checkpoint_is_scored_on_the_same_noise_and_the_best_is_copied(tin
     metrics = evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared), SECTION, (64, 64), out)
 
     table = pd.read_csv(out / "val_loss.csv")
-    assert table.step.tolist() == [0, 2, 4, 6] and table.start[0] and table.file[0] == "init_text '*'"  # the zero vectors it began from
+    assert table.step.tolist() == [0, 2, 4, 6] and table.start[0] and table.file[0] == "init_text ''"  # the zero vectors it began from
     assert not table.start[1:].any()
     loss = dict(zip(table.step, table.val_loss))
     assert loss[2] == loss[6]  # same vectors, same fixed noise and timesteps: the same number
