@@ -2,7 +2,8 @@
 # Both create .venv when it is missing and install the project into it.
 PYTHON ?= python3
 VENV ?= .venv
-# A CPU build of torch by default. GPU users: see README ("Installing with a GPU").
+# torch==2.13.0 from the package index: the CUDA build on Linux x86-64 (several GB), a CPU build on macOS,
+# Windows and Linux aarch64. TORCH_INDEX picks another build, e.g. a CPU-only one: README, "Installing torch".
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 CORES ?= all

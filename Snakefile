@@ -2,16 +2,28 @@
 # Rules only; every rule calls a stage program that also runs by hand (python -m stages.<name>).
 import sys
 
-from stages.common.config import ConfigError, validate_config
+from stages.common.config import ConfigError, check_yaml_syntax, validate_config
+from stages.common.preflight import check_before_work
+from stages.common.snakelock import remove_stale_lock
 from stages.common.workflow import dataset_inputs, evaluate_params, model_inputs, to_json, train_inputs, train_params
 from stages.caption.settings import tagger_inputs  # the tagger's model and tags files, when caption.method uses it
+
+try:
+    check_yaml_syntax("config.yaml")  # Snakemake's own message for a YAML error names no line
+except ConfigError as error:
+    sys.exit(f"tiflow: {error}")
 
 configfile: "config.yaml"
 
 try:
     validate_config(config)
+    check_before_work(config)  # trigger words, templates, model and init_from files: seconds, before any stage runs
 except ConfigError as error:
     sys.exit(f"tiflow: {error}")
+
+if workflow.exec_mode.name == "DEFAULT":  # the snakemake a user started, not a cluster job's
+    for lock in remove_stale_lock():
+        print(f"tiflow: removed {lock}, left by a snakemake that was stopped hard (none runs in this folder now)", file=sys.stderr)
 
 PY = sys.executable  # the interpreter snakemake runs in, so stages see the same packages
 OUT = config["out_dir"]

@@ -78,6 +78,37 @@ def test_exact_duplicates_are_collapsed_with_a_note_and_near_duplicates_reported
     assert (summary.duplicates, summary.near_duplicates) == (2, 1)
 
 
+def test_of_two_identical_images_the_captioned_one_is_kept(tmp_path, caplog):
+    src = tmp_path / "src"
+    picture(src / "shape_0.png")
+    (src / "shape_0.txt").write_text("a red square", encoding="utf-8")
+    (src / "dup_of_0.png").write_bytes((src / "shape_0.png").read_bytes())  # sorts first, has no caption
+    picture(src / "two.png", seed=2)
+    (src / "two.txt").write_text("circle", encoding="utf-8")
+    (src / "two_tagged.png").write_bytes((src / "two.png").read_bytes())
+    (src / "two_tagged.txt").write_text("blue circle, white background, simple", encoding="utf-8")  # the richer caption
+    out = tmp_path / "out"
+    summary, manifest, reasons = run(src, out)
+    rows = manifest.set_index(manifest.source.map(os.path.basename))
+    assert sorted(rows.index) == ["shape_0.png", "two_tagged.png"] and summary.duplicates == 2
+    assert (out / rows.caption["shape_0.png"]).read_text(encoding="utf-8") == "a red square"
+    assert (out / rows.caption["two_tagged.png"]).read_text(encoding="utf-8") == "blue circle, white background, simple"
+    assert "kept instead for its caption" in reasons["dup_of_0.png"] and "kept instead for its richer caption" in reasons["two.png"]
+    assert rows.duplicates["shape_0.png"] == str(src / "dup_of_0.png")
+    assert "same picture: kept" in caplog.text and any(r.levelname == "WARNING" for r in caplog.records if "same picture" in r.message)
+
+
+def test_a_folder_without_usable_images_names_each_reason_in_the_error(tmp_path):
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "fake.png").write_bytes(bad_file_bytes("not an image"))
+    with pytest.raises(ValueError) as error:
+        preprocess_folder(src, tmp_path / "out", SMALL, cache_dir=tmp_path / "cache")
+    message = str(error.value)  # Snakemake deletes skipped.csv after a failure; the message carries the reasons
+    assert "2 files skipped" in message and "empty.jpg: " in message and "0 bytes" in message and "fake.png: " in message
+
+
 def test_captions_travel_decoded_to_utf8_with_a_configurable_extension(tmp_path):
     src = tmp_path / "src"
     for index, name in enumerate(["jp", "kohya", "none"]):
@@ -187,7 +218,7 @@ def test_parallel_workers_give_the_same_result(tmp_path):
 def test_a_folder_with_no_usable_image_stops_with_a_clear_error(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "x.png").write_bytes(b"")
-    with pytest.raises(ValueError, match="no usable image.*1 files skipped"):
+    with pytest.raises(ValueError, match="no usable image.*1 file skipped"):
         preprocess_folder(tmp_path / "src", tmp_path / "out", SMALL)
     assert "0 bytes" in (tmp_path / "out" / "skipped.csv").read_text()
 

@@ -55,7 +55,9 @@ def test_outputs_in_every_format(trained):
     assert a1111["name"] == "demotok" and a1111["step"] == 60 and a1111["sd_checkpoint"] == bundle.identity
     assert torch.equal(a1111["string_to_param"]["*"], safetensors["emb_params"])
     assert a1111["string_to_token"] == {"*": 265}
-    assert sorted(p.name for p in (out / "steps").iterdir()) == ["demotok-20.pt", "demotok-20.safetensors", "demotok-40.pt", "demotok-40.safetensors"]
+    assert sorted(p.name for p in (out / "steps").iterdir()) == [  # every save_every steps, and the final step
+        "demotok-20.pt", "demotok-20.safetensors", "demotok-40.pt", "demotok-40.safetensors", "demotok-60.pt", "demotok-60.safetensors"]
+    assert torch.equal(load_file(str(out / "steps" / "demotok-60.safetensors"))["emb_params"], safetensors["emb_params"])
     loss = pd.read_csv(out / "loss.csv")
     assert list(loss.columns) == ["step", "loss", "lr", "images_per_s"] and list(loss.step) == list(range(1, 61))
 

@@ -9,6 +9,7 @@ from stages.common.embedding import read_embedding
 from stages.common.models import load_model
 from stages.train.dataset import LatentExample, load_examples
 from stages.train.interrupt import TrainingInterrupted
+from stages.train.outputs import latest_snapshot
 from stages.train.trainer import NonFiniteLoss, TrainSettings, train_embedding
 
 # every random stream in play: sampled latents, templates, tag shuffling and dropout
@@ -33,16 +34,17 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_same_embedding(demo_prepared, 
     with pytest.raises(TrainingInterrupted) as stopped:
         train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), settings, out, state, reporter=terminate_at_step_7)
     assert stopped.value.step == 7 and stopped.value.signal_name == "SIGTERM"
-    assert (out / "steps" / "demotok-7.safetensors").is_file() and (state / "state.pt").is_file()
+    assert (out / "interrupted" / "demotok-7.safetensors").is_file() and (state / "state.pt").is_file()  # not a regular checkpoint
     assert not (out / "demotok.safetensors").exists()  # the final file only appears when training is finished
 
     resumed = train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), settings, out, state)
     assert resumed.resumed_from == 7
-    assert sorted(p.name for p in (out / "steps").glob("*.safetensors")) == ["demotok-10.safetensors", "demotok-5.safetensors", "demotok-7.safetensors"]  # none set aside
+    assert sorted(p.name for p in (out / "steps").glob("*.safetensors")) == ["demotok-10.safetensors", "demotok-12.safetensors", "demotok-5.safetensors"]  # none set aside
+    assert [p.name for p in (out / "interrupted").glob("*.safetensors")] == ["demotok-7.safetensors"]
     # bit-identical, not close: the same seed on the same machine gives the same bits, interrupted or not
     assert torch.equal(resumed.embedding.vectors["emb_params"], straight.embedding.vectors["emb_params"])
     assert resumed.losses == straight.losses
-    snapshot = torch.load(out / "steps" / "demotok-7.pt", weights_only=True)
+    snapshot = torch.load(out / "interrupted" / "demotok-7.pt", weights_only=True)
     assert snapshot["name"] == "demotok-7" and snapshot["step"] == 7  # AUTOMATIC1111 names each snapshot name-N
 
 
@@ -63,14 +65,19 @@ def test_a_new_training_sets_the_last_trainings_snapshots_aside(demo_prepared, t
     out = tmp_path / "out"
     first = TrainSettings(**dict(SETTINGS, steps=4, save_every=2))
     train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), first, out, tmp_path / "state" / "a")
-    assert [p.name for p in (out / "steps").glob("*.safetensors")] == ["demotok-2.safetensors"]
+    assert sorted(p.name for p in (out / "steps").glob("*.safetensors")) == ["demotok-2.safetensors", "demotok-4.safetensors"]
+    first_final = read_embedding(out / "demotok.safetensors").vectors["emb_params"]
 
     # another learning rate is another training (another resume key, so another state folder)
     second = TrainSettings(**dict(SETTINGS, steps=3, save_every=1, learning_rate=0.01))
     train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), second, out, tmp_path / "state" / "b")
-    assert sorted(p.name for p in (out / "steps").glob("*.safetensors")) == ["demotok-1.safetensors", "demotok-2.safetensors"]
+    assert sorted(p.name for p in (out / "steps").glob("*.safetensors")) == ["demotok-1.safetensors", "demotok-2.safetensors", "demotok-3.safetensors"]
     earlier = list((out / "steps").glob("earlier-*"))
-    assert len(earlier) == 1 and sorted(p.name for p in earlier[0].iterdir()) == ["demotok-2.pt", "demotok-2.safetensors"]
+    assert len(earlier) == 1 and sorted(p.name for p in earlier[0].iterdir()) == [
+        "demotok-2.pt", "demotok-2.safetensors", "demotok-4.pt", "demotok-4.safetensors"]
+    # the first training's final embedding survives the retrain, beside its checkpoints
+    assert torch.equal(read_embedding(earlier[0] / "demotok-4.safetensors").vectors["emb_params"], first_final)
+    assert latest_snapshot(earlier[0], "demotok") == earlier[0] / "demotok-4.safetensors"
     assert not torch.equal(  # the demotok-2 in steps/ is the new training's, not the old one kept aside
         read_embedding(out / "steps" / "demotok-2.safetensors").vectors["emb_params"],
         read_embedding(earlier[0] / "demotok-2.safetensors").vectors["emb_params"])

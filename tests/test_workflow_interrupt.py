@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -45,9 +46,10 @@ def uninterrupted(tmp_path_factory) -> torch.Tensor:
     return load_file(str(workdir / TARGET))["emb_params"]
 
 
-def stop_the_job_group(workdir: Path, kill_reader_first: bool) -> str:
+def stop_the_job_group(workdir: Path, stop: signal.Signals, kill_reader_first: bool = False) -> str:
     """Run the workflow as `snakemake ... | cat` in a process group of its own, and once train has saved step 100,
-    SIGTERM the whole group, as Ctrl-C, scancel or pre-emption do. Returns what the terminal (cat) was shown."""
+    send `stop` to the whole group, as Ctrl-C, scancel, pre-emption or a hard kill do. Returns what the terminal
+    (cat's output) was shown."""
     shown = workdir / "terminal.txt"
     pipeline = " ".join(f"'{part}'" for part in snakemake_command(workdir)) + f" 2>&1 | cat > '{shown}'"
     group = subprocess.Popen(["bash", "-c", pipeline], start_new_session=True)
@@ -59,7 +61,10 @@ def stop_the_job_group(workdir: Path, kill_reader_first: bool) -> str:
     if kill_reader_first:  # the process reading the trainer's output dies before the trainer hears anything
         subprocess.run(["pkill", "-KILL", "-g", str(group.pid), "-x", "cat"], check=True)
         time.sleep(0.3)
-    os.killpg(group.pid, signal.SIGTERM)
+    if stop == signal.SIGINT:  # Ctrl-C reaches the job, not the terminal: the pipe's reader stays to show what is said
+        subprocess.run(["pkill", f"-{stop.name}", "-g", str(group.pid), "-f", "snakemake|stages.train"], check=True)
+    else:
+        os.killpg(group.pid, stop)
     deadline = time.monotonic() + 120
     while True:  # wait for every process of the group (the trainer saving last), not just the shell
         group.poll()  # reap the shell: a zombie still counts as a member of the group
@@ -68,27 +73,44 @@ def stop_the_job_group(workdir: Path, kill_reader_first: bool) -> str:
         except ProcessLookupError:
             break
         left = subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(group.pid)], capture_output=True, text=True).stdout
-        assert time.monotonic() < deadline, f"the job's processes did not stop within 2 minutes of SIGTERM:\n{left}"
+        assert time.monotonic() < deadline, f"the job's processes did not stop within 2 minutes of {stop.name}:\n{left}"
         time.sleep(0.1)
     return shown.read_text()
 
 
-def saved_steps(workdir: Path) -> list[int]:
-    return sorted(int(p.stem.rsplit("-", 1)[1]) for p in (workdir / "out/train/demotok/steps").glob("demotok-*.safetensors"))
+def saved_steps(workdir: Path, folder: str = "steps") -> list[int]:
+    return sorted(int(p.stem.rsplit("-", 1)[1]) for p in (workdir / "out/train/demotok" / folder).glob("demotok-*.safetensors"))
 
 
-@pytest.mark.parametrize("kill_reader_first", [False, True], ids=["group-sigterm", "reader-killed-first"])
-def test_sigterm_to_the_job_group_saves_and_the_rerun_resumes_exactly(tmp_path_factory, uninterrupted, kill_reader_first):
+@pytest.mark.parametrize("stop, kill_reader_first", [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, False)],
+                         ids=["group-sigterm", "reader-killed-first", "ctrl-c"])
+def test_a_stop_signal_to_the_job_group_saves_and_the_rerun_resumes_exactly(tmp_path_factory, uninterrupted, stop, kill_reader_first):
     workdir = new_workdir(tmp_path_factory, "interrupted")
-    stop_the_job_group(workdir, kill_reader_first)
-    steps = saved_steps(workdir)
-    assert steps[0] == 100 and len(steps) == 2 and 100 < steps[1] < 200, steps  # the stop saved, past the periodic save
-    stopped_at = steps[1]
+    terminal = stop_the_job_group(workdir, stop, kill_reader_first)
+    assert saved_steps(workdir) == [100]
+    stopped = saved_steps(workdir, "interrupted")
+    assert len(stopped) == 1 and 100 < stopped[0] < 200, stopped  # the stop saved, past the periodic save
+    stopped_at = stopped[0]
+    message = f"stopped by {stop.name} after step {stopped_at}"
     log = (workdir / "out/logs/train_demotok.log").read_text()
-    assert f"stopped by SIGTERM after step {stopped_at}" in log
+    assert message in log and "\r" not in log  # the log holds readable lines, not progress-bar frames
+    assert "train demotok: step 30/300, loss " in log  # and the progress, a line every 10%
+    if stop == signal.SIGINT:
+        assert message in terminal  # the trainer's own words reach the terminal, not only Snakemake's exit status
     assert not (workdir / TARGET).exists()
+    assert len(pd.read_csv(workdir / "out/train/demotok/loss.csv")) == stopped_at
 
-    rerun = run_to_the_end(workdir)  # the README's command, no flags: resumes
+    run_to_the_end(workdir)  # the README's command, no flags: resumes
     assert f"resuming demotok from step {stopped_at} of 300" in (workdir / "out/logs/train_demotok.log").read_text()
     assert torch.equal(load_file(str(workdir / TARGET))["emb_params"], uninterrupted)  # bit-identical to never stopping
-    assert rerun.returncode == 0
+
+
+def test_a_hard_stop_leaves_a_lock_that_the_next_run_removes(tmp_path_factory, uninterrupted):
+    """SIGKILL (or a closed terminal's SIGHUP to snakemake) leaves Snakemake's lock; the plain command recovers and resumes."""
+    workdir = new_workdir(tmp_path_factory, "killed")
+    stop_the_job_group(workdir, signal.SIGKILL)
+    assert list((workdir / ".snakemake" / "locks").glob("*.lock")), "a hard stop leaves the lock behind"
+    rerun = run_to_the_end(workdir)
+    assert "removed" in rerun.stderr and "left by a snakemake that was stopped hard" in rerun.stderr
+    assert "resuming demotok from step 100 of 300" in (workdir / "out/logs/train_demotok.log").read_text()
+    assert torch.equal(load_file(str(workdir / TARGET))["emb_params"], uninterrupted)

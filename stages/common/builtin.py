@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from typing import TYPE_CHECKING
 
 from stages.common.paths import BUILTIN_PREFIX as PREFIX
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
+# torch, diffusers and transformers are imported where a model is built: checking a builtin name
+# (the workflow's start-up check) must not pay seconds of imports
 from stages.common.clip_vocab import EOS_TOKEN, VOCAB_SIZE, build_clip_tokenizer, write_tokenizer_files
 
 
@@ -172,6 +175,8 @@ CROSS_ATTENTION_GAIN = 4.0
 
 
 def _strengthen_text_conditioning(unet: UNet2DConditionModel) -> None:
+    import torch
+
     with torch.no_grad():
         for name, parameter in unet.named_parameters():
             if name.endswith(("attn2.to_v.weight", "attn2.to_out.0.weight")):
@@ -180,6 +185,10 @@ def _strengthen_text_conditioning(unet: UNet2DConditionModel) -> None:
 
 def build_builtin_components(name: str, seed: int = 0) -> dict:
     """Instantiate a builtin model's components with weights drawn from `seed` (same seed → same weights)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     spec = BUILTIN_MODELS[name]
     generator_state = torch.random.get_rng_state()
     try:
@@ -206,6 +215,9 @@ def write_builtin_configs(name: str, folder: Path) -> Path:
 
     Single-file checkpoints carry no configs; these are what loading one offline needs.
     """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
     spec = BUILTIN_MODELS[name]
     folder.mkdir(parents=True, exist_ok=True)
     for sub, cls, kwargs in (("unet", UNet2DConditionModel, spec.unet), ("vae", AutoencoderKL, spec.vae)):

@@ -12,8 +12,6 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from transformers import CLIPTokenizer
-
 VOCAB_SIZE = 49408
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -76,12 +74,14 @@ def write_tokenizer_files(folder: Path, model_max_length: int = 77, pad_token: s
     return folder
 
 
-def build_clip_tokenizer(model_max_length: int = 77, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+def build_clip_tokenizer(model_max_length: int = 77, pad_token: str = EOS_TOKEN) -> "CLIPTokenizer":
     """A CLIPTokenizer with the full vocabulary, made without any download.
 
     Built from the vocab/merges objects: in transformers 5 the file-path form
     `CLIPTokenizer(vocab_file=..., merges_file=...)` silently yields a 3-token vocabulary.
     """
+    from transformers import CLIPTokenizer  # here, not at the top: the vocabulary tables alone import fast
+
     return CLIPTokenizer(
         vocab=dict(load_vocab()),
         merges=[tuple(merge.split()) for merge in load_merges()],

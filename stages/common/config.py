@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import os
 import functools
 from pathlib import Path
 
@@ -38,10 +40,17 @@ def load_schema() -> dict:
 def _describe(error: jsonschema.ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
     allowed = error.schema.get("description") if isinstance(error.schema, dict) else None
-    if error.validator == "additionalProperties":
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         known = sorted(error.schema.get("properties", {}))
-        hint = f"; allowed keys here: {', '.join(known)}" if known else ""
-        return f"{source}: {key}: {error.message}{hint}"
+        unknown = sorted(set(error.instance) - set(known))
+        if unknown and known:
+            where = f"{key}." if error.absolute_path else ""
+            guesses = difflib.get_close_matches(str(unknown[0]), known, n=1, cutoff=0.6)
+            guess = f"; did you mean {where}{guesses[0]}?" if guesses else ""
+            return f"{source}: {where}{unknown[0]}: unknown key{guess} (allowed keys here: {', '.join(known)})"
+        return f"{source}: {key}: {error.message}"
+    if error.validator == "pattern" and allowed:
+        return f"{source}: {key}: {error.instance!r} is not allowed: {allowed}"
     if error.validator == "enum":
         return f"{source}: {key}: {error.instance!r} is not allowed; choose one of: {', '.join(map(str, error.validator_value))}"
     detail = f" ({allowed})" if allowed else ""
@@ -66,7 +75,28 @@ def validate_config(config: dict, source: str = "config.yaml") -> dict:
     if runs_as_written is not None:
         config["runs"] = {name: dict(overrides or {}) for name, overrides in runs_as_written.items()}
     _check_learning_rates(config, source)
+    _expand_home(config)
     return config
+
+
+_PATH_KEYS = [("out_dir",), ("dataset", "images"), ("model", "path"), ("caption", "tagger", "model"), ("caption", "tagger", "tags")]
+_RUN_PATH_KEYS = ("init_from", "template")
+
+
+def _expand_home(config: dict) -> None:
+    """`~/data/cat` means the home folder, as in a shell: paths are expanded once, here, for every stage."""
+    def expand(section: dict, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str) and section[key].startswith("~"):
+            section[key] = os.path.expanduser(section[key])
+
+    for *parents, key in _PATH_KEYS:
+        section = config
+        for parent in parents:
+            section = section.get(parent, {}) if isinstance(section, dict) else {}
+        expand(section, key)
+    for section in [config.get("train", {})] + list((config.get("runs") or {}).values()):
+        for key in _RUN_PATH_KEYS:
+            expand(section, key)
 
 
 def _check_learning_rates(config: dict, source: str) -> None:
@@ -80,6 +110,25 @@ def _check_learning_rates(config: dict, source: str) -> None:
                 raise ConfigError(f"{source}: {key}.learning_rate: {exc}") from None
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as 'line L, column C: what is wrong', the way an editor points at it."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(part for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part) or str(exc)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def check_yaml_syntax(path: str | Path) -> None:
+    """Raise ConfigError naming the line of a YAML syntax error in `path` (a missing file is left to the caller)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML at {_yaml_problem(exc)}") from None
+
+
 def load_config(path: str | Path) -> dict:
     """Read and validate a config.yaml. Missing file or bad YAML → ConfigError naming the file."""
     path = Path(path)
@@ -90,7 +139,7 @@ def load_config(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML at {_yaml_problem(exc)}") from None
     return validate_config(raw, source=str(path))
 
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from stages.common.config import run_settings, validate_config
 from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
+from stages.common.text import plural
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,7 @@ def overview(args: argparse.Namespace) -> int:
     else:
         config = load_full_config(args)
         runs, folder = args.runs or list(config["runs"]), args.out or Path(config["out_dir"]) / "evaluate"
-    print(f"evaluate: {len(runs)} runs compared in {write_overview(folder, runs)}")
+    print(f"evaluate: {plural(len(runs), 'run')} compared in {write_overview(folder, runs)}")
     return 0
 
 

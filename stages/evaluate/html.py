@@ -1,6 +1,7 @@
 """index.html: one page per run with the grids, the loss curve, the checkpoints table and the best file."""
 from __future__ import annotations
 
+import os
 from html import escape
 from pathlib import Path
 
@@ -35,6 +36,15 @@ def _validation_set(metrics: dict) -> str:
         return f'{metrics["validation_images"]} images that training never saw (train.validation_split)'
     return (f'the {metrics["validation_images"]} training images: lower means a closer fit, not always a better picture '
             "(set train.validation_split to hold images out)")
+
+
+def _earlier(trainings: list[dict], page_folder: Path) -> str:
+    """Earlier trainings of this run, set aside by a retrain: kept on disk, listed here, not scored."""
+    if not trainings:
+        return ""
+    items = "\n".join(f'<li><a href="{escape(os.path.relpath(t["last_checkpoint"], page_folder))}">{escape(t["last_checkpoint"])}</a> (its last checkpoint)</li>'
+                       if t["last_checkpoint"] else f'<li>{escape(t["folder"])}</li>' for t in trainings)
+    return f"<h2>Earlier trainings</h2>\n<p>Set aside when a setting changed; scored above only if you train them again.</p>\n<ul>{items}</ul>"
 
 
 def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_checkpoint_grid: bool) -> None:
@@ -82,6 +92,7 @@ on the same {metrics["validation_samples"]} fixed (image, noise, timestep) tripl
 {rows}
 </table>
 <p>The same numbers are in <a href="val_loss.csv">val_loss.csv</a> and <a href="metrics.json">metrics.json</a>.</p>
+{_earlier(metrics.get("earlier_trainings", []), target.parent)}
 </body></html>
 """
     write_text_atomic(target, page)

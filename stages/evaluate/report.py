@@ -26,6 +26,7 @@ from stages.common.sampling import build_pipeline
 from stages.evaluate.charts import step_chart
 from stages.evaluate.grid import compose_grid, render_samples, spread_steps
 from stages.evaluate.html import write_report
+from stages.train.outputs import latest_snapshot
 from stages.evaluate.validation import (
     CheckpointModel,
     best_step,
@@ -147,7 +148,17 @@ def _metrics(run: RunToEvaluate, validation: pd.DataFrame, best: int, final_step
         "train_loss_last_10pct_mean": _recent_training_loss(run.train_dir / "loss.csv"),
         "validation_samples": section["validation_samples"],
         "best_files": [str(p.relative_to(out_dir)) for p in best_files],
+        "earlier_trainings": earlier_trainings(run.train_dir, run.name),
     }
+
+
+def earlier_trainings(train_dir: Path, run: str) -> list[dict]:
+    """Trainings of this run that a retrain set aside (steps/earlier-*), each with its last checkpoint: not scored, but kept."""
+    found = []
+    for folder in sorted((train_dir / "steps").glob("earlier-*")):
+        last = latest_snapshot(folder, run)
+        found.append({"folder": str(folder), "last_checkpoint": str(last) if last else None})
+    return found
 
 
 def _recent_training_loss(loss_csv: Path) -> float | None:

@@ -18,6 +18,8 @@ import pandas as pd
 
 from stages.common.demo_data import DEMO_NAME, write_demo_dataset
 from stages.common.files import write_csv_atomic
+from stages.common.text import plural
+from stages.preprocess.buckets import make_bucket_resolutions
 from stages.preprocess.cache import ImageCache, prune_cache
 from stages.preprocess.duplicates import find_near_duplicates
 from stages.preprocess.outputs import DEBUG_FOLDER, output_names, place_file, remove_stale, write_caption
@@ -52,8 +54,8 @@ class PreprocessSummary:
     def line(self) -> str:
         split = f" as {self.images} images" if self.images != self.kept else ""
         pruned = f"; {self.pruned_files} unused cache files pruned ({self.pruned_bytes / 1e6:.1f} MB)" if self.pruned_files else ""
-        return (f"{self.kept} kept{split}, {self.skipped - self.duplicates} skipped, {self.duplicates} duplicates, "
-                f"{self.near_duplicates} near-duplicate pairs ({self.processed} processed, {self.reused} from cache){pruned}")
+        return (f"{self.kept} kept{split}, {self.skipped - self.duplicates} skipped, {plural(self.duplicates, 'duplicate')}, "
+                f"{plural(self.near_duplicates, 'near-duplicate pair')} ({self.processed} processed, {self.reused} from cache){pruned}")
 
 
 @dataclass
@@ -98,6 +100,7 @@ def preprocess_folder(
     `cache_dir` (default: {out_dir}/../cache/preprocess) holds the framed images between runs.
     Raises ValueError, after writing skipped.csv, when no image is usable.
     """
+    warn_if_one_bucket(settings)
     paths = list_source_files(source, settings.recursive, settings.caption_extension)
     cache_dir = cache_dir if cache_dir is not None else out_dir.parent / "cache" / "preprocess"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,9 +118,12 @@ def preprocess_folder(
     write_csv_atomic(out_dir / "near_duplicates.csv", pd.DataFrame([vars(p) for p in near], columns=["first", "second", "distance"]))
     ignored = sum(o.record.status == "ignored" for o in outcomes)
     if not rows:
+        # the reasons go in the message itself: Snakemake deletes skipped.csv, a declared output, when the job fails
+        reasons = "".join(f"\n  {Path(row['file']).name}: {row['reason']}" for row in skipped[:20])
+        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
         raise ValueError(
-            f"dataset.images: no usable image in {source}: {len(skipped)} files skipped (reasons in {out_dir / 'skipped.csv'})"
-            f"{f', {ignored} ignored as not images' if ignored else ''}; add JPEG/PNG/WebP images or fix the skipped ones"
+            f"dataset.images: no usable image in {source}: {plural(len(skipped), 'file')} skipped"
+            f"{f', {ignored} ignored as not images' if ignored else ''}; add JPEG/PNG/WebP images or fix the skipped ones:{reasons}{more}"
         )
     write_csv_atomic(out_dir / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
     processed = sum(not o.reused and o.record.status != "ignored" and o.content_sha256 != "" for o in outcomes)
@@ -128,8 +134,25 @@ def preprocess_folder(
     return summary
 
 
+def warn_if_one_bucket(settings: PreprocessSettings) -> list[tuple[int, int]]:
+    """Bucket mode promises each image keeps its shape; say so when the settings leave only one bucket."""
+    if settings.mode != "bucket":
+        return []
+    buckets = make_bucket_resolutions(settings.size[0] * settings.size[1], settings.bucket_min_side, settings.bucket_max_side, settings.bucket_step)
+    if len(buckets) == 1:
+        width, height = buckets[0]
+        log.warning("preprocess.mode: bucket has a single bucket, %dx%d, at size %s with bucket_min_side %d: every image is cropped "
+                    "to that square. Lower preprocess.bucket_min_side (to %d, say) so other shapes get buckets",
+                    width, height, "x".join(map(str, settings.size)), settings.bucket_min_side, max(settings.bucket_step, width // 2))
+    return buckets
+
+
 def _select(outcomes: list[SourceOutcome], settings: PreprocessSettings) -> tuple[list[_Kept], list[dict], int]:
-    """The usable sources (first of each set of duplicates, in path order), the skip rows, the duplicate count."""
+    """The usable sources (one per set of duplicates), the skip rows, the duplicate count.
+
+    Of two copies of one picture, the one with a caption is kept, and of two captions the richer
+    (more words); otherwise the first in path order. The other copy is listed as a duplicate.
+    """
     kept: list[_Kept] = []
     skipped: list[dict] = []
     first_with: dict[str, _Kept] = {}  # content or pixel digest → the source kept for it
@@ -143,15 +166,6 @@ def _select(outcomes: list[SourceOutcome], settings: PreprocessSettings) -> tupl
             log.warning("skipped %s: %s", path, record.reason)
             skipped.append({"file": str(path), "reason": record.reason})
             continue
-        original = first_with.get(outcome.content_sha256) or first_with.get(record.pixel_sha256)
-        if original is not None:
-            same = "file content" if original.outcome.content_sha256 == outcome.content_sha256 else "pixels"
-            reason = f"duplicate: same {same} as {original.outcome.path}; collapsed into it"
-            log.info("%s is a %s", path, reason)
-            skipped.append({"file": str(path), "reason": reason})
-            original.duplicates.append(path)
-            duplicates += 1
-            continue
         try:
             caption_file = find_caption(path, settings.caption_extension)
             caption = read_caption(caption_file) if caption_file is not None else None
@@ -160,10 +174,33 @@ def _select(outcomes: list[SourceOutcome], settings: PreprocessSettings) -> tupl
             log.warning("skipped %s: %s", path, reason)
             skipped.append({"file": str(path), "reason": reason})
             continue
-        entry = _Kept(outcome, caption, caption_file)
-        kept.append(entry)
-        first_with[outcome.content_sha256] = first_with[record.pixel_sha256] = entry
+        original = first_with.get(outcome.content_sha256) or first_with.get(record.pixel_sha256)
+        if original is None:
+            entry = _Kept(outcome, caption, caption_file)
+            kept.append(entry)
+            first_with[outcome.content_sha256] = first_with[record.pixel_sha256] = entry
+            continue
+        same = "file content" if original.outcome.content_sha256 == outcome.content_sha256 else "pixels"
+        duplicates += 1
+        if _caption_words(caption) > _caption_words(original.caption):
+            # this copy carries the caption: keep it in the original's place
+            dropped, richer = original.outcome.path, "richer caption" if original.caption else "caption"
+            original.outcome, original.caption, original.caption_file = outcome, caption, caption_file
+            first_with[outcome.content_sha256] = original
+            reason = f"duplicate: same {same} as {path}, which was kept instead for its {richer}"
+        else:
+            dropped = path
+            reason = f"duplicate: same {same} as {original.outcome.path}; collapsed into it"
+        log.warning("%s and %s are the same picture: kept %s%s", dropped, original.outcome.path, original.outcome.path,
+                    " for its caption" if dropped != path else ", the first in path order")
+        skipped.append({"file": str(dropped), "reason": reason})
+        original.duplicates.append(dropped)
     return kept, skipped, duplicates
+
+
+def _caption_words(caption: str | None) -> int:
+    """How much a caption says: its words (tags count by their words too); no caption says nothing."""
+    return len(caption.replace(",", " ").split()) if caption else 0
 
 
 def _write_outputs(kept: list[_Kept], root: Path, out_dir: Path, cache: ImageCache, settings: PreprocessSettings) -> tuple[list[dict], set[str]]:

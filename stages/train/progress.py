@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm import tqdm
+
 
 class ProgressReporter:
     """Called once per optimizer step with (step, loss, lr, images/s)."""
@@ -25,6 +27,9 @@ class ProgressReporter:
     def __call__(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
         self.bar.update(step - self.last_step)  # jumps over resumed steps
         self.last_step = step
+        total = self.bar.total or 0
+        if total and (step * 10 // total) > ((step - 1) * 10 // total):  # a plain line every 10%: the log file's progress
+            tqdm.write(f"{self.bar.desc}: step {step}/{total}, loss {loss:.4f}, lr {lr:.2e}, {images_per_s:.2f} images/s", file=self.bar.fp)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.2f}", refresh=False)
         if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, step)

@@ -265,10 +265,11 @@ class Trainer:
         self.step, self.base_step, self.skipped = state["step"], state["base_step"], state["skipped"]
         self.log_rows, self.probe_start = list(state["log_rows"]), state["probe_start"]
 
-    def save_checkpoint(self) -> None:
-        """Snapshot embedding under steps/ and the full state in the resume store."""
+    def save_checkpoint(self, interrupted: bool = False) -> None:
+        """Snapshot embedding (steps/, or interrupted/ for a stop signal's) and the full state in the resume store."""
         step = self.base_step + self.step
-        self.outputs.save_snapshot(self.model.current_embedding(step, f"{self.settings.name}-{step}"), self.step)
+        snapshot = self.model.current_embedding(step, f"{self.settings.name}-{step}")  # AUTOMATIC1111 names snapshots name-N
+        (self.outputs.save_interrupted if interrupted else self.outputs.save_snapshot)(snapshot)
         self.outputs.write_loss_log(self.log_rows)
         self.store.save(self.state_dict())
 
@@ -325,6 +326,7 @@ class Trainer:
         if reporter is not None and hasattr(reporter, "begin"):
             reporter.begin(self.rate.steps_to_take, self.step)
         started, steps_timed = time.perf_counter(), 0
+        self.outputs.write_loss_log(self.log_rows)  # the rows so far (a resume's too); each step appends its own
         with stop_on_signals() as stop:
             while self.step < self.rate.steps_to_take:
                 loss = self.train_step()
@@ -341,17 +343,18 @@ class Trainer:
                 speed = steps_timed * s.batch_size * s.grad_accum / (time.perf_counter() - started)
                 lr = self.rate.at(self.step - 1)
                 self.log_rows.append({"step": self.base_step + self.step, "loss": loss, "lr": lr, "images_per_s": speed})
+                self.outputs.append_loss_row(self.log_rows[-1])
                 if reporter:
                     reporter(self.step, loss, lr, speed)
                 if preview and s.preview_every and self.step % s.preview_every == 0:
                     preview(self.model, self.base_step + self.step)
                 if stop.requested:
-                    self.save_checkpoint()
+                    self.save_checkpoint(interrupted=True)
                     raise TrainingInterrupted(self.base_step + self.step, stop.signal_name)
                 if s.save_every and self.step % s.save_every == 0 and self.step < self.rate.steps_to_take:
                     self.save_checkpoint()
         final = self.model.current_embedding(self.rate.end)
-        self.outputs.save_final(final, self.log_rows)
+        self.outputs.save_final(final, self.model.current_embedding(self.rate.end, f"{s.name}-{self.rate.end}"), self.log_rows)
         self.store.save(self.state_dict())  # a deleted output can be rewritten from here without training
         return TrainResult(
             embedding=final, initial_vectors=self.model.initial, losses=[row["loss"] for row in self.log_rows],

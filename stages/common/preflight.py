@@ -1,0 +1,86 @@
+"""Checks that need no image: run when the workflow starts, so a naming mistake costs a second, not a preprocess.
+
+The schema has already checked types and ranges; this checks what needs a file or the tokenizer:
+that the image folder, the model and every init_from file exist and parse, that each run's
+trigger word is new to the vocabulary and its init text fits its vectors, and that templates
+exist. Every message names the key to edit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.common.config import ConfigError, run_settings
+from stages.common.paths import BUILTIN_PREFIX, DEMO_DATASET
+
+
+def _key(config: dict, run: str, name: str) -> str:
+    """Where a run's setting was written: runs.<run>.<name> when the run overrides it, else train.<name>."""
+    return f"runs.{run}.{name}" if name in (config["runs"][run] or {}) else f"train.{name}"
+
+
+def check_paths(config: dict) -> None:
+    images = config["dataset"]["images"]
+    if images != DEMO_DATASET and not Path(images).is_dir():
+        raise ConfigError(f"dataset.images: {images} is not a folder; give a folder of images, or {DEMO_DATASET}")
+    model = config["model"]["path"]
+    if model.startswith(BUILTIN_PREFIX):
+        from stages.common.builtin import parse_builtin_name
+
+        try:
+            parse_builtin_name(model)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    elif not Path(model).exists():
+        raise ConfigError(f"model.path: {model} does not exist; give a diffusers folder, a .safetensors/.ckpt file, or builtin:tiny-sd15")
+
+
+def check_runs(config: dict) -> None:
+    from stages.common.clip_vocab import build_clip_tokenizer
+    from stages.common.prompts import load_template
+    from stages.common.trigger import TokenError, check_trigger
+
+    tokenizer = build_clip_tokenizer()  # every SD family's text encoders share this vocabulary
+    for run in config["runs"]:
+        settings = run_settings(config, run)
+        token, vectors = settings["token"], settings["vectors"]
+        try:
+            check_trigger(tokenizer, token, vectors)
+        except TokenError as error:
+            where = f"runs.{run}.token" if "token" in (config["runs"][run] or {}) else f"runs: {run}"
+            raise ConfigError(f"{where}: {error}") from None
+        try:
+            load_template(settings["template"])
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"{_key(config, run, 'template')}: {str(error).removeprefix('train.template: ')}") from None
+        init_text = settings["init_text"]
+        count = len(tokenizer(init_text, add_special_tokens=False).input_ids) if init_text.strip() else 0
+        if init_text.strip() and count == 0:
+            raise ConfigError(f"{_key(config, run, 'init_text')}: {init_text!r} has no tokens; use a word close to the concept, or \"\" for zeros")
+        if count > vectors and not settings.get("init_from"):
+            raise ConfigError(f"{_key(config, run, 'init_text')}: {init_text!r} is {count} tokens but {_key(config, run, 'vectors')} is {vectors}; "
+                              f"raise vectors to {count} or shorten init_text")
+        if settings.get("init_from"):
+            _check_init_from(config, run, settings)
+
+
+def _check_init_from(config: dict, run: str, settings: dict) -> None:
+    from stages.common.embedding_read import read_embedding
+
+    key, path = _key(config, run, "init_from"), settings["init_from"]
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: {path} does not exist; give the embedding file to continue from, or remove init_from")
+    try:
+        embedding = read_embedding(path)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"{key}: {path} is not an embedding tiflow can read ({error})") from None
+    if embedding.vector_count != settings["vectors"]:
+        raise ConfigError(f"{key}: {path} has {embedding.vector_count} vectors; set {_key(config, run, 'vectors')}: {embedding.vector_count}")
+    if embedding.step >= settings["steps"]:
+        raise ConfigError(f"{_key(config, run, 'steps')}: {settings['steps']} is not past step {embedding.step}, where {path} already is; "
+                          f"steps count from the embedding's first step (AUTOMATIC1111's Max steps), so set steps above {embedding.step}")
+
+
+def check_before_work(config: dict) -> None:
+    """Everything about a validated config that can be checked without reading the images. Raises ConfigError."""
+    check_paths(config)
+    check_runs(config)

@@ -1,0 +1,26 @@
+"""Trigger-word rules: what a new token may be called and how many vectors fit a prompt (no torch needed)."""
+from __future__ import annotations
+
+
+class TokenError(ValueError):
+    """A trigger word or init text that cannot work, found before any training."""
+
+
+PROMPT_TOKEN_BUDGET = 75  # 77 positions minus <|startoftext|> and <|endoftext|>
+
+
+def placeholder_tokens(trigger: str, vectors: int) -> list[str]:
+    """The tokenizer entries one embedding occupies: trigger, trigger_1, ... (diffusers' naming)."""
+    return [trigger] + [f"{trigger}_{i}" for i in range(1, vectors)]
+
+
+def check_trigger(tokenizer, trigger: str, vectors: int) -> None:
+    """Refuse a trigger word that the vocabulary already has, or more vectors than a prompt holds."""
+    pieces = tokenizer.tokenize(trigger)
+    if len(pieces) == 1 and pieces[0] in tokenizer.get_vocab():
+        raise TokenError(
+            f"trigger word {trigger!r} is already the vocabulary token {pieces[0]!r}; training it would change "
+            f"what {trigger!r} means in every prompt. Rename the run (or set token:) to a made-up word such as {trigger}tok"
+        )
+    if vectors > PROMPT_TOKEN_BUDGET - 1:
+        raise TokenError(f"vectors={vectors} leaves no room in the {PROMPT_TOKEN_BUDGET}-token prompt window; use at most {PROMPT_TOKEN_BUDGET - 1}")
