@@ -86,6 +86,21 @@ def test_the_report_has_the_grids_the_curve_and_every_checkpoint(tiny_bundle, ve
     assert saved == metrics and saved["checkpoints"] == 5 and saved["final_step"] == 10 and saved["validation_images"] == 8
 
 
+def test_only_the_current_trainings_regular_checkpoints_are_scored_and_earlier_ones_listed(tiny_bundle, vectors, demo_prepared, tmp_path):
+    train_dir = tmp_path / "train"
+    write_run(train_dir, {2: vectors["sensible"], 4: vectors["sensible"] + 0.1})
+    save_embedding_files(Embedding(RUN, {"emb_params": vectors["wild"]}, step=3), train_dir / "interrupted", f"{RUN}-3")  # a Ctrl-C snapshot
+    earlier = train_dir / "steps" / "earlier-20261201-120000"
+    for step in (5, 10):  # a retrained run's previous training, its final step 10 among them
+        save_embedding_files(Embedding(RUN, {"emb_params": vectors["wild"]}, step=step), earlier, f"{RUN}-{step}")
+    out = tmp_path / "evaluate"
+    metrics = evaluate_run(tiny_bundle, run_of(tmp_path, demo_prepared), {**SECTION, "checkpoint_grid": 0}, (64, 64), out)
+    assert pd.read_csv(out / "val_loss.csv").step.tolist() == [0, 2, 4]  # not the interrupt snapshot, not the earlier training
+    assert metrics["earlier_trainings"] == [{"folder": str(earlier), "last_checkpoint": str(earlier / f"{RUN}-10.safetensors")}]
+    page = (out / "index.html").read_text()
+    assert "Earlier trainings" in page and f"earlier-20261201-120000/{RUN}-10.safetensors" in page
+
+
 def test_no_checkpoint_grid_when_turned_off(tiny_bundle, vectors, demo_prepared, tmp_path):
     write_run(tmp_path / "train", {3: vectors["sensible"]})
     out = tmp_path / "evaluate"

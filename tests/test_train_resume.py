@@ -116,3 +116,14 @@ def _assert_all_saved_vectors_finite(folder):
         assert torch.isfinite(load_file(str(path))["emb_params"]).all(), path
     for path in folder.rglob("*.pt"):
         assert torch.isfinite(torch.load(path, weights_only=True)["string_to_param"]["*"]).all(), path
+
+
+def test_loss_csv_grows_as_training_goes(demo_prepared, tmp_path):
+    """loss.csv is there to watch a run: each finished step has its row at once, not only at save points."""
+    import pandas as pd
+
+    rows_seen = []
+    settings = TrainSettings(**dict(SETTINGS, steps=6, save_every=0))
+    train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), settings, tmp_path / "out",
+                    reporter=lambda step, *_: rows_seen.append((step, len(pd.read_csv(tmp_path / "out" / "loss.csv")))))
+    assert rows_seen == [(step, step) for step in range(1, 7)]

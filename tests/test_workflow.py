@@ -96,3 +96,17 @@ def test_the_slurm_profile_sends_each_stage_as_a_job_and_the_model_stages_get_a_
     for stage in ("preprocess", "caption", "overview"):
         assert "gpu" not in resources[stage], (stage, resources[stage])
     assert int(resources["train"]["runtime"]) > int(resources["preprocess"]["runtime"])
+
+
+def test_a_failed_preprocess_keeps_its_skip_reasons_readable(tmp_path):
+    images = tmp_path / "bad"
+    images.mkdir()
+    (images / "empty.png").write_bytes(b"")
+    (images / "fake.jpg").write_bytes(b"this is text, not a JPEG")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"dataset": {"images": str(images)}, "preprocess": {"size": 64},
+                                                          "runs": {"zzqtok": {}}}))
+    result = snakemake(tmp_path)
+    assert result.returncode != 0
+    assert not (tmp_path / "out/preprocess/skipped.csv").exists()  # Snakemake removed the failed job's outputs...
+    for shown in (result.stderr, (tmp_path / "out/logs/preprocess.log").read_text()):  # ...and the reasons are still there to read
+        assert "no usable image" in shown and "empty.png: empty file (0 bytes)" in shown and "fake.jpg: " in shown
