@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) || { status=$$?; echo; \
+	  echo "tiflow: the run stopped (exit status $$status). What stopped it is above; each stage's log is in the logs/ folder of out_dir."; \
+	  echo "tiflow: 'make run' again resumes: finished stages are kept, and a stopped training continues from its saved state."; \
+	  exit $$status; }
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) -n

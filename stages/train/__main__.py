@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stages.common.config import run_settings, validate_config
 from stages.common.families import clip_skip_warning
@@ -79,14 +79,15 @@ def main(args: argparse.Namespace) -> int:
     size = paths["size"] if isinstance(paths["size"], list) else [paths["size"]] * 2
     previewer = make_previewer(bundle, train_settings.preview, train_settings.token, tuple(size), RunOutputs(paths["out"], args.run)) \
         if train_settings.preview_every else None
-    reporter = ProgressReporter(tqdm(total=train_settings.steps, desc=f"train {args.run}", unit="step"),
+    reporter = ProgressReporter(f"train {args.run}",
                                 paths["out"] / "tensorboard" if train_settings.tensorboard else None)
     try:
-        result = train_embedding(bundle, examples, train_settings, paths["out"], state_dir, start_vectors, start_step, reporter, previewer)
+        with logging_redirect_tqdm():  # log lines go above the bar instead of through it
+            result = train_embedding(bundle, examples, train_settings, paths["out"], state_dir, start_vectors, start_step, reporter, previewer)
     except TrainingInterrupted as stopped:
         reporter.close()
         print(f"train: {args.run} {stopped}", file=sys.stderr)
-        return 143 if stopped.signal_name == "SIGTERM" else 130
+        return 143 if stopped.signal_name == "SIGTERM" else 129 if stopped.signal_name == "SIGHUP" else 130
     except NonFiniteLoss as error:
         reporter.close()
         print(f"train: {args.run}: {error}", file=sys.stderr)

@@ -7,10 +7,11 @@ from tqdm import tqdm
 
 
 class ProgressReporter:
-    """Called once per optimizer step with (step, loss, lr, images/s)."""
+    """Called once per optimizer step with (step, loss, lr, images/s); the bar appears when training begins,
+    so what is logged before (loading, resuming) stays on lines of its own."""
 
-    def __init__(self, bar, tensorboard_dir: Path | None = None):
-        self.bar, self.writer, self.last_step = bar, None, 0
+    def __init__(self, description: str, tensorboard_dir: Path | None = None):
+        self.description, self.bar, self.writer, self.last_step = description, None, None, 0
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -20,11 +21,12 @@ class ProgressReporter:
 
     def begin(self, total_steps: int, done_steps: int) -> None:
         """The steps this training takes (the schedule may end before train.steps), and those a resume skips."""
-        self.bar.total = total_steps
-        self.bar.update(done_steps - self.last_step)
+        self.bar = tqdm(total=total_steps, initial=done_steps, desc=self.description, unit="step")
         self.last_step = done_steps
 
     def __call__(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
+        if self.bar is None:
+            self.begin(0, 0)
         self.bar.update(step - self.last_step)  # jumps over resumed steps
         self.last_step = step
         total = self.bar.total or 0
@@ -36,6 +38,7 @@ class ProgressReporter:
             self.writer.add_scalar("train/lr", lr, step)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         if self.writer is not None:
             self.writer.close()
