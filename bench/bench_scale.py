@@ -74,7 +74,7 @@ def run_stage(stage: str, work: Path, threads: int) -> dict:
                                 settings=CacheSettings(device="cpu"))
         items = summary.encoded
     else:
-        from stages.train.dataset import load_examples
+        from stages.common.latents import load_examples
 
         items = len(load_examples(work / "latents", work / "caption"))
     return {"stage": stage, "seconds": time.perf_counter() - started, "peak_mib": peak_rss_mib(),

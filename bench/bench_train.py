@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _examples(count: int, latent_side: int):
-    from stages.train.dataset import LatentExample
+    from stages.common.latents import LatentExample
 
     generator = torch.Generator().manual_seed(0)
     return [LatentExample(f"img{i}.png", torch.randn(4, latent_side, latent_side, generator=generator),
@@ -51,7 +51,7 @@ def bare_loop(unet, scheduler, text_width: int, batch: int, size: int, device):
 def measure_bare(model: str, size: int, batch: int, warmup: int, steps: int) -> dict:
     from stages.common.models import load_model
 
-    from stages.train.trainer import pick_device, resolve_precision
+    from stages.common.textual_inversion import pick_device, resolve_precision
 
     bundle = load_model(f"builtin:{model}")
     device = pick_device()  # where tiflow would train, in the dtype precision: auto gives it
@@ -75,13 +75,14 @@ def _trainer(model: str, size: int, batch: int, warmup: int, steps: int, option:
     from stages.common.models import load_model
     from stages.train.outputs import RunOutputs
     from stages.train.resume import ResumeStore
-    from stages.train.trainer import Trainer, TrainSettings
+    from stages.train.settings import TrainSettings
+    from stages.train.trainer import Trainer
 
     overrides = {}
     if option:
         key, _, value = option.partition("=")
         overrides[key] = value if value else True
-    settings = TrainSettings(name="benchtok", token="benchtok", init_text="toy", vectors=4, steps=warmup + steps,
+    settings = TrainSettings.from_schema(name="benchtok", token="benchtok", init_text="toy", vectors=4, steps=warmup + steps,
                              batch_size=batch, save_every=0, learning_rate=1e-3, **overrides)
     return Trainer(load_model(f"builtin:{model}"), _examples(16, size // 8), settings,
                    RunOutputs(Path(tempfile.mkdtemp()), "benchtok"), ResumeStore(None))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from stages.cache_latents.encode import NonFiniteLatentsError, cache_latents
 from stages.cache_latents.settings import CacheSettings
-from stages.train.dataset import LatentExample, sample_latent
+from stages.common.latents import LatentExample, sample_latent
 from test_cache_latents import SharedLog, direct, vae, write_preprocessed  # noqa: F401 (vae is a fixture)
 
 
@@ -120,7 +120,7 @@ def test_a_nan_that_survives_fp32_is_reported_by_name_and_never_cached(vae, tmp_
 
 
 def test_training_examples_read_their_latents_from_the_cache_file_instead_of_holding_them(demo_prepared):
-    from stages.train.dataset import load_examples, once_sample
+    from stages.common.latents import load_examples, once_sample
 
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
     first = examples[0]
@@ -136,7 +136,7 @@ def test_training_examples_read_their_latents_from_the_cache_file_instead_of_hol
 def test_a_latent_file_that_vanishes_during_training_is_named(demo_prepared, tmp_path):
     import shutil
 
-    from stages.train.dataset import LatentExample
+    from stages.common.latents import LatentExample
 
     copy = tmp_path / "entry.safetensors"
     shutil.copy(load_examples_first_file(demo_prepared), copy)
@@ -149,6 +149,6 @@ def test_a_latent_file_that_vanishes_during_training_is_named(demo_prepared, tmp
 
 
 def load_examples_first_file(demo_prepared):
-    from stages.train.dataset import load_examples
+    from stages.common.latents import load_examples
 
     return load_examples(demo_prepared / "latents", demo_prepared / "caption")[0].latent_file

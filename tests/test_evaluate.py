@@ -158,13 +158,13 @@ def test_bad_run_folders_get_errors_naming_the_file(tiny_bundle, vectors, demo_p
 
 
 def _example(name: str, sha: str):
-    from stages.train.dataset import LatentExample
+    from stages.common.latents import LatentExample
 
     return LatentExample(name, torch.zeros(4, 8, 8), torch.zeros(4, 8, 8), "a caption", sha)
 
 
 def test_the_validation_split_holds_out_whole_images_by_content_hash():
-    from stages.train.dataset import split_validation
+    from stages.common.latents import split_validation
 
     examples = [_example(f"img{i}.png", f"{(i * 7) % 10:02d}" + "f" * 62) for i in range(10)]
     examples += [_example(e.image, e.image_sha256) for e in examples]  # mirrored copies share image and hash
@@ -180,7 +180,7 @@ def test_the_validation_split_holds_out_whole_images_by_content_hash():
 
 
 def test_with_a_split_the_validation_loss_uses_only_the_held_out_images(tiny_bundle, vectors, demo_prepared, tmp_path):
-    from stages.train.dataset import load_examples, split_validation
+    from stages.common.latents import load_examples, split_validation
 
     write_run(tmp_path / "train", {2: vectors["sensible"]})
     run = RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption", 0.25)

@@ -5,15 +5,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.train.dataset import load_examples
-from stages.train.trainer import TrainSettings, train_embedding
+from stages.common.latents import load_examples
+from stages.train.settings import TrainSettings
+from stages.train.trainer import train_embedding
 
 
 def _settings(**overrides):
     values = dict(name="demotok", token="demotok", init_text="red toy", vectors=2, learning_rate=0.05, steps=60,
                   batch_size=4, save_every=20, seed=0)
     values.update(overrides)
-    return TrainSettings(**values)
+    return TrainSettings.from_schema(**values)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ import torch
 
 from stages.common.families import clip_skip_warning, get_family
 from stages.common.models import load_model
-from stages.train.dataset import load_examples
+from stages.common.latents import load_examples
 from stages.train.optim import LearningRate
-from stages.train.start import starting_point
-from stages.train.trainer import TrainSettings, train_embedding
+from stages.common.textual_inversion import starting_point
+from stages.train.settings import TrainSettings
+from stages.train.trainer import train_embedding
 
 
 def a1111_rates(learn_rate: str, max_steps: int, cur_step: int = 0) -> list[float]:
@@ -67,7 +68,7 @@ def test_learning_rate_schedule_matches_automatic1111(schedule, steps, start):
 
 def test_training_stops_where_the_schedule_ends(demo_prepared, tmp_path, caplog):
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
-    settings = TrainSettings(name="demotok", token="demotok", learning_rate="0.05:2, 0.01:4", steps=10, save_every=0)
+    settings = TrainSettings.from_schema(name="demotok", token="demotok", learning_rate="0.05:2, 0.01:4", steps=10, save_every=0)
     result = train_embedding(load_model("builtin:tiny-sd15"), examples, settings, tmp_path)
     assert result.embedding.step == 4 and len(result.losses) == 4
     assert "ends at step 4, before steps: 10" in caplog.text
@@ -81,11 +82,11 @@ def test_init_from_counts_toward_steps_and_continues_the_schedule(demo_prepared,
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
     schedule = "0.05:4, 0.01"
     train_embedding(load_model("builtin:tiny-sd15"), examples,
-                    TrainSettings(name="demotok", token="demotok", steps=3, save_every=0, learning_rate=schedule), tmp_path / "a")
-    settings = TrainSettings(name="demotok", token="demotok", steps=6, save_every=0, learning_rate=schedule,
+                    TrainSettings.from_schema(name="demotok", token="demotok", steps=3, save_every=0, learning_rate=schedule), tmp_path / "a")
+    settings = TrainSettings.from_schema(name="demotok", token="demotok", steps=6, save_every=0, learning_rate=schedule,
                              init_from=str(tmp_path / "a" / "demotok.safetensors"))
     bundle = load_model("builtin:tiny-sd15")
-    vectors, start = starting_point(settings, bundle)
+    vectors, start = starting_point(bundle, settings.init_text, settings.init_from, settings.vectors)
     result = train_embedding(bundle, examples, settings, tmp_path / "b", start_vectors=vectors, start_step=start)
     log = pd.read_csv(tmp_path / "b" / "loss.csv")
     assert log.step.tolist() == [4, 5, 6] and result.embedding.step == 6

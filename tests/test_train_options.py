@@ -9,12 +9,15 @@ import torch.nn.functional as F
 
 from stages.common.models import load_model
 from stages.common.schedule import schedule_factor
-from stages.train.dataset import BatchOrder, load_examples
+from stages.common.latents import load_examples
+from stages.train.order import BatchOrder
 from stages.train.optim import LearningRate
 from stages.train.outputs import RunOutputs
 from stages.common.prompts import augment_caption, build_prompt
 from stages.train.resume import ResumeStore
-from stages.train.trainer import TextualInversion, Trainer, TrainSettings, fixed_probe, probe_loss, train_embedding
+from stages.common.textual_inversion import TextualInversion, fixed_probe, probe_loss, starting_point
+from stages.train.settings import TrainSettings
+from stages.train.trainer import Trainer, train_embedding
 
 
 def test_warmup_then_cosine_and_linear_decay():
@@ -55,7 +58,7 @@ def test_each_image_appears_repeats_times_per_pass():
 def test_loss_target_follows_the_family(model, target):
     bundle = load_model(f"builtin:{model}")
     assert bundle.family.prediction_type == target
-    ti = TextualInversion(bundle, TrainSettings(name="zzqtok", token="zzqtok"))
+    ti = TextualInversion(bundle, "zzqtok", torch.zeros(1, bundle.text_width), clip_skip=1)
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
     t = torch.tensor([500])
@@ -70,11 +73,11 @@ def test_loss_target_follows_the_family(model, target):
 def test_sd2_trains_with_its_own_padding(demo_prepared, tmp_path):
     bundle = load_model("builtin:tiny-sd2-v")
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
-    settings = TrainSettings(name="zzqtok", token="zzqtok", init_text="toy", vectors=3, steps=3, save_every=0, learning_rate=0.05)
+    settings = TrainSettings.from_schema(name="zzqtok", token="zzqtok", init_text="toy", vectors=3, steps=3, save_every=0, learning_rate=0.05)
     result = train_embedding(bundle, examples, settings, tmp_path)
     assert result.embedding.vectors["emb_params"].shape == (3, 32)
     assert not torch.allclose(result.embedding.vectors["emb_params"], result.initial_vectors)
-    ids = TextualInversion(load_model("builtin:tiny-sd2"), settings).prompt_ids(["a zzqtok"])[0].tolist()
+    ids = TextualInversion(load_model("builtin:tiny-sd2"), "zzqtok", torch.zeros(3, 32), clip_skip=1).prompt_ids(["a zzqtok"])[0].tolist()
     # OpenCLIP prompts: <start> a zzqtok zzqtok_1 zzqtok_2 <end>, then "!" (id 0) padding, not <|endoftext|>
     assert ids[:6] == [49406, 320, 49408, 49409, 49410, 49407] and set(ids[6:]) == {0}
 
@@ -83,7 +86,7 @@ def test_loss_on_held_out_images_falls(demo_prepared, tmp_path):
     """Train on six demo images; the loss on the other two (fixed noise and timesteps) must drop clearly."""
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
     train_set, held_out = examples[:6], examples[6:]
-    settings = TrainSettings(name="demotok", token="demotok", init_text="red toy", vectors=2, learning_rate=0.05, steps=60,
+    settings = TrainSettings.from_schema(name="demotok", token="demotok", init_text="red toy", vectors=2, learning_rate=0.05, steps=60,
                              batch_size=4, save_every=0)
     trainer = Trainer(load_model("builtin:tiny-sd15"), train_set, settings, RunOutputs(tmp_path, "demotok"), ResumeStore(None))
     probe = fixed_probe(held_out, 8, seed=123, num_timesteps=1000)
@@ -100,7 +103,7 @@ def test_previews_are_rendered_every_n_steps(demo_prepared, tmp_path):
     from stages.train.preview import make_previewer
 
     bundle = load_model("builtin:tiny-sd15")
-    settings = TrainSettings(name="demotok", token="demotok", steps=4, save_every=0, preview_every=2,
+    settings = TrainSettings.from_schema(name="demotok", token="demotok", steps=4, save_every=0, preview_every=2,
                              preview={"prompt": "a photo of [name]", "negative_prompt": "", "seed": 1, "steps": 2, "guidance_scale": 7.0})
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
     previewer = make_previewer(bundle, settings.preview, "demotok", (64, 64), RunOutputs(tmp_path, "demotok"))
@@ -117,13 +120,11 @@ def test_previews_are_rendered_every_n_steps(demo_prepared, tmp_path):
 def test_init_from_an_existing_embedding_keeps_its_step_count(demo_prepared, tmp_path):
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
     first = train_embedding(load_model("builtin:tiny-sd15"), examples,
-                            TrainSettings(name="demotok", token="demotok", vectors=2, steps=3, save_every=0, learning_rate=0.05), tmp_path / "a")
-    from stages.train.start import starting_point
-
+                            TrainSettings.from_schema(name="demotok", token="demotok", vectors=2, steps=3, save_every=0, learning_rate=0.05), tmp_path / "a")
     # steps is AUTOMATIC1111's Max steps: the step to end at, counting the embedding's own 3
-    settings = TrainSettings(name="demotok", token="demotok", vectors=2, steps=5, save_every=0, init_from=str(tmp_path / "a" / "demotok.pt"))
+    settings = TrainSettings.from_schema(name="demotok", token="demotok", vectors=2, steps=5, save_every=0, init_from=str(tmp_path / "a" / "demotok.pt"))
     bundle = load_model("builtin:tiny-sd15")
-    vectors, step = starting_point(settings, bundle)
+    vectors, step = starting_point(bundle, settings.init_text, settings.init_from, settings.vectors)
     assert step == 3 and torch.equal(vectors, first.embedding.vectors["emb_params"])
     second = train_embedding(bundle, examples, settings, tmp_path / "b", start_vectors=vectors, start_step=step)
     assert torch.equal(second.initial_vectors, vectors) and second.embedding.step == 5 and len(second.losses) == 2
@@ -132,7 +133,7 @@ def test_init_from_an_existing_embedding_keeps_its_step_count(demo_prepared, tmp
         train_embedding(load_model("builtin:tiny-sd15"), examples, dataclasses.replace(settings, steps=3), tmp_path / "c",
                         start_vectors=vectors, start_step=step)
     with pytest.raises(ValueError, match="set vectors: 2"):
-        starting_point(TrainSettings(name="demotok", token="demotok", vectors=3, init_from=str(tmp_path / "a" / "demotok.pt")), bundle)
+        starting_point(bundle, "*", str(tmp_path / "a" / "demotok.pt"), 3)
 
 
 @pytest.mark.parametrize("options", [{"gradient_checkpointing": True}, {"channels_last": True}])
@@ -140,8 +141,8 @@ def test_exact_speed_options_do_not_change_the_maths(demo_prepared, tmp_path, op
     """Recomputing activations or changing the memory layout must give the fp32 result up to summation order."""
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
     base = dict(name="demotok", token="demotok", init_text="toy", vectors=2, steps=3, save_every=0, learning_rate=0.05, batch_size=2)
-    reference = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings(**base), tmp_path / "ref")
-    result = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings(**base, **options), tmp_path / "opt")
+    reference = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings.from_schema(**base), tmp_path / "ref")
+    result = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings.from_schema(**base, **options), tmp_path / "opt")
     vectors = result.embedding.vectors["emb_params"]
     assert vectors.dtype == torch.float32 and not torch.allclose(vectors, result.initial_vectors)
     # the same fp32 maths in another order: differences are a few fp32 roundings, far below one training step's change
@@ -154,7 +155,7 @@ def test_half_precision_trains_fp32_vectors_in_a_half_precision_model(demo_prepa
     start exactly at the fp32 starting point and learn. How close the result is to fp32 depends on the CPU's
     half-precision kernels (AMX, AVX-512 BF16 or emulation), so no tolerance against the fp32 run is asserted."""
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
-    settings = TrainSettings(name="demotok", token="demotok", init_text="toy", vectors=2, steps=6, save_every=0, learning_rate=0.05,
+    settings = TrainSettings.from_schema(name="demotok", token="demotok", init_text="toy", vectors=2, steps=6, save_every=0, learning_rate=0.05,
                              batch_size=2, precision=precision)
     bundle = load_model("builtin:tiny-sd15")
     trainer = Trainer(bundle, examples, settings, RunOutputs(tmp_path, "demotok"), ResumeStore(None))

@@ -7,10 +7,11 @@ import torch
 
 from stages.common.embedding import read_embedding
 from stages.common.models import load_model
-from stages.train.dataset import LatentExample, load_examples
+from stages.common.latents import LatentExample, load_examples
 from stages.train.interrupt import TrainingInterrupted
 from stages.train.outputs import latest_snapshot
-from stages.train.trainer import NonFiniteLoss, TrainSettings, train_embedding
+from stages.train.settings import TrainSettings
+from stages.train.trainer import NonFiniteLoss, train_embedding
 
 # every random stream in play: sampled latents, templates, tag shuffling and dropout
 SETTINGS = dict(name="demotok", token="demotok", init_text="red toy", vectors=2, learning_rate="0.05:6, 0.02", steps=12,
@@ -23,7 +24,7 @@ def _examples(demo_prepared):
 
 
 def test_sigterm_saves_and_a_rerun_resumes_to_the_same_embedding(demo_prepared, tmp_path):
-    settings = TrainSettings(**SETTINGS)
+    settings = TrainSettings.from_schema(**SETTINGS)
     straight = train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), settings, tmp_path / "straight", tmp_path / "state1")
 
     def terminate_at_step_7(step, *_):
@@ -49,7 +50,7 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_same_embedding(demo_prepared, 
 
 
 def test_a_finished_run_rewrites_deleted_outputs_without_training(demo_prepared, tmp_path):
-    settings = TrainSettings(**dict(SETTINGS, steps=3, save_every=0))
+    settings = TrainSettings.from_schema(**dict(SETTINGS, steps=3, save_every=0))
     first = train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), settings, tmp_path / "out", tmp_path / "state")
     (tmp_path / "out" / "demotok.safetensors").unlink()  # what Snakemake does before a rerun
 
@@ -63,13 +64,13 @@ def test_a_finished_run_rewrites_deleted_outputs_without_training(demo_prepared,
 
 def test_a_new_training_sets_the_last_trainings_snapshots_aside(demo_prepared, tmp_path):
     out = tmp_path / "out"
-    first = TrainSettings(**dict(SETTINGS, steps=4, save_every=2))
+    first = TrainSettings.from_schema(**dict(SETTINGS, steps=4, save_every=2))
     train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), first, out, tmp_path / "state" / "a")
     assert sorted(p.name for p in (out / "steps").glob("*.safetensors")) == ["demotok-2.safetensors", "demotok-4.safetensors"]
     first_final = read_embedding(out / "demotok.safetensors").vectors["emb_params"]
 
     # another learning rate is another training (another resume key, so another state folder)
-    second = TrainSettings(**dict(SETTINGS, steps=3, save_every=1, learning_rate=0.01))
+    second = TrainSettings.from_schema(**dict(SETTINGS, steps=3, save_every=1, learning_rate=0.01))
     train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), second, out, tmp_path / "state" / "b")
     assert sorted(p.name for p in (out / "steps").glob("*.safetensors")) == ["demotok-1.safetensors", "demotok-2.safetensors", "demotok-3.safetensors"]
     earlier = list((out / "steps").glob("earlier-*"))
@@ -94,7 +95,7 @@ def _with_nan(examples, every_other: bool):
 
 
 def test_nan_loss_stops_the_run_and_nothing_is_saved(demo_prepared, tmp_path):
-    settings = TrainSettings(**dict(SETTINGS, steps=20, max_nan_steps=3, save_every=1))
+    settings = TrainSettings.from_schema(**dict(SETTINGS, steps=20, max_nan_steps=3, save_every=1))
     with pytest.raises(NonFiniteLoss, match="3 steps gave NaN/inf"):
         train_embedding(load_model("builtin:tiny-sd15"), _with_nan(_examples(demo_prepared), every_other=False), settings, tmp_path / "out")
     assert not (tmp_path / "out" / "demotok.safetensors").exists() and not (tmp_path / "out" / "demotok.pt").exists()
@@ -102,7 +103,7 @@ def test_nan_loss_stops_the_run_and_nothing_is_saved(demo_prepared, tmp_path):
 
 
 def test_nan_steps_are_skipped_and_never_reach_a_file(demo_prepared, tmp_path):
-    settings = TrainSettings(**dict(SETTINGS, steps=8, batch_size=1, max_nan_steps=8, save_every=2))
+    settings = TrainSettings.from_schema(**dict(SETTINGS, steps=8, batch_size=1, max_nan_steps=8, save_every=2))
     result = train_embedding(load_model("builtin:tiny-sd15"), _with_nan(_examples(demo_prepared), every_other=True), settings, tmp_path / "out")
     assert 0 < result.skipped_steps < 8
     assert (tmp_path / "out" / "demotok.safetensors").is_file()
@@ -123,7 +124,7 @@ def test_loss_csv_grows_as_training_goes(demo_prepared, tmp_path):
     import pandas as pd
 
     rows_seen = []
-    settings = TrainSettings(**dict(SETTINGS, steps=6, save_every=0))
+    settings = TrainSettings.from_schema(**dict(SETTINGS, steps=6, save_every=0))
     train_embedding(load_model("builtin:tiny-sd15"), _examples(demo_prepared), settings, tmp_path / "out",
                     reporter=lambda step, *_: rows_seen.append((step, len(pd.read_csv(tmp_path / "out" / "loss.csv")))))
     assert rows_seen == [(step, step) for step in range(1, 7)]

@@ -10,10 +10,12 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from stages.common.models import load_model
-from stages.train.dataset import BatchOrder, LatentExample, load_examples
+from stages.common.latents import LatentExample, load_examples
+from stages.train.order import BatchOrder
 from stages.train.outputs import RunOutputs
 from stages.train.resume import ResumeStore, resume_key
-from stages.train.trainer import Trainer, TrainSettings, train_embedding
+from stages.train.settings import TrainSettings
+from stages.train.trainer import Trainer, train_embedding
 
 
 def _train_by_hand(demo_prepared, out, steps: int) -> dict:
@@ -62,7 +64,7 @@ def test_fp16_nan_steps_are_skipped_and_the_run_goes_on(demo_prepared, tmp_path)
         if index % 2 == 0:
             mean[0, 0, 0] = float("nan")
         broken.append(LatentExample(example.image, mean, example.logvar, example.caption))
-    settings = TrainSettings(name="demotok", token="demotok", steps=8, save_every=2, max_nan_steps=8, precision="fp16", learning_rate=0.05)
+    settings = TrainSettings.from_schema(name="demotok", token="demotok", steps=8, save_every=2, max_nan_steps=8, precision="fp16", learning_rate=0.05)
     trainer = Trainer(load_model("builtin:tiny-sd15"), broken, settings, RunOutputs(tmp_path, "demotok"), ResumeStore(tmp_path / "state"))
     assert trainer.scaler.is_enabled()
     result = trainer.run()
@@ -80,7 +82,7 @@ def _mixed_size_examples() -> list[LatentExample]:
 
 def test_bucketed_images_train_in_batches_of_one_size(tmp_path, caplog):
     examples = _mixed_size_examples()
-    settings = TrainSettings(name="demotok", token="demotok", steps=9, save_every=0, batch_size=4, learning_rate=0.05)
+    settings = TrainSettings.from_schema(name="demotok", token="demotok", steps=9, save_every=0, batch_size=4, learning_rate=0.05)
     trainer = Trainer(load_model("builtin:tiny-sd15"), examples, settings, RunOutputs(tmp_path, "demotok"), ResumeStore(None))
     shapes, batch = [], trainer._batch
 
@@ -115,7 +117,7 @@ def test_bucketed_order_is_seeded_and_resumable():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_deterministic_switch_trains_on_cpu(demo_prepared, tmp_path, precision):
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
-    settings = TrainSettings(name="demotok", token="demotok", steps=2, save_every=0, deterministic=True, precision=precision)
+    settings = TrainSettings.from_schema(name="demotok", token="demotok", steps=2, save_every=0, deterministic=True, precision=precision)
     try:
         result = train_embedding(load_model("builtin:tiny-sd15"), examples, settings, tmp_path)
     finally:

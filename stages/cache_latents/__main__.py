@@ -11,6 +11,7 @@ from tqdm import tqdm
 from stages.cache_latents.settings import CacheSettings
 from stages.common.config import validate_config
 from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
+from stages.common.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +35,14 @@ def _read_settings(args: argparse.Namespace) -> tuple[dict, CacheSettings, dict]
         try:
             given = json.loads(args.settings)  # {"model": {...}, "cache_latents": {...}}
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--settings: not valid JSON ({exc})") from None
+            raise InputError(f"--settings: not valid JSON ({exc})") from None
         unknown = sorted(set(given) - {"model", "cache_latents"}) if isinstance(given, dict) else [type(given).__name__]
         if unknown:
-            raise ValueError(f"--settings: found {', '.join(unknown)}; give an object with the keys model and cache_latents, "
+            raise InputError(f"--settings: found {', '.join(unknown)}; give an object with the keys model and cache_latents, "
                              'e.g. {"model": {"path": "builtin:tiny-sd15"}, "cache_latents": {"batch_size": 4}}')
         config = validate_config({"model": given.get("model", {}), "cache_latents": given.get("cache_latents", {})}, source="--settings")
         if not (args.preprocessed and args.out and args.store):
-            raise ValueError("--settings needs --preprocessed, --out and --store too")
+            raise InputError("--settings needs --preprocessed, --out and --store too")
         paths = {"preprocessed": args.preprocessed, "out": args.out, "store": args.store, "flip": bool(args.flip)}
     else:
         config = load_full_config(args)
@@ -57,7 +58,7 @@ def _read_settings(args: argparse.Namespace) -> tuple[dict, CacheSettings, dict]
 
 def main(args: argparse.Namespace) -> int:
     if args.threads < 0:
-        raise ValueError(f"--threads: {args.threads} is not a number of threads; give 0 (torch's choice) or more")
+        raise InputError(f"--threads: {args.threads} is not a number of threads; give 0 (torch's choice) or more")
     model, settings, paths = _read_settings(args)
     import torch  # heavy imports after argument errors are reported
 

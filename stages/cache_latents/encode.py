@@ -25,6 +25,7 @@ from stages.cache_latents.pixels import image_to_tensor, read_image_size
 from stages.cache_latents.settings import CacheSettings
 from stages.cache_latents.store import EntryKey, LatentStore
 from stages.common.files import hash_file, write_csv_atomic, write_text_atomic
+from stages.common.errors import InputError, MissingInput
 
 __all__ = ["CacheSummary", "NonFiniteLatentsError", "Sample", "cache_latents", "image_to_tensor", "plan_samples"]
 
@@ -34,7 +35,7 @@ MANIFEST_COLUMNS = ["image", "flip", "latent_file", "width", "height", "latent_w
 Progress = Callable[[Iterable, int], Iterable]
 
 
-class NonFiniteLatentsError(ValueError):
+class NonFiniteLatentsError(InputError):
     """The VAE gave NaN/inf latents for some images even in fp32; those were not cached."""
 
 
@@ -73,12 +74,12 @@ def plan_samples(preprocess_dir: Path, vae_identity: str, flip: bool, dtype: str
     """One Sample per manifest image (two with flips), keyed by the PNG's content hash and real size."""
     manifest_path = preprocess_dir / "manifest.csv"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found; run the preprocess stage first")
+        raise MissingInput(f"{manifest_path} not found; run the preprocess stage first")
     manifest = pd.read_csv(manifest_path, keep_default_na=False, dtype=str)
     if "output" not in manifest.columns:
-        raise ValueError(f"{manifest_path}: no 'output' column (found {', '.join(manifest.columns)}); rerun the preprocess stage")
+        raise InputError(f"{manifest_path}: no 'output' column (found {', '.join(manifest.columns)}); rerun the preprocess stage")
     if manifest.empty:
-        raise ValueError(f"{manifest_path} lists no images; nothing to encode (see skipped.csv beside it)")
+        raise InputError(f"{manifest_path} lists no images; nothing to encode (see skipped.csv beside it)")
     paths = [preprocess_dir / name for name in manifest["output"]]
 
     def describe(path: Path) -> tuple[tuple[int, int], str]:

@@ -12,13 +12,14 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class EncoderMemoryError(ValueError):
+class EncoderMemoryError(InputError):
     """The device ran out of memory for one batch: a setting to change, not a crash."""
 
 
@@ -70,9 +71,9 @@ class LatentEncoder:
         self.source, self.device, self.dtype = vae, device, dtype
         self.tiling, self.slicing = tiling, slicing
         if tiling and not hasattr(vae, "enable_tiling"):
-            raise ValueError(f"cache_latents.tiling: {type(vae).__name__} has no tiled encoding; set tiling: false")
+            raise InputError(f"cache_latents.tiling: {type(vae).__name__} has no tiled encoding; set tiling: false")
         if slicing and not hasattr(vae, "enable_slicing"):
-            raise ValueError(f"cache_latents.slicing: {type(vae).__name__} has no sliced encoding; set slicing: false")
+            raise InputError(f"cache_latents.slicing: {type(vae).__name__} has no sliced encoding; set slicing: false")
         self.fast = self._prepared(DTYPES[dtype])
         self._fp32: torch.nn.Module | None = self.fast if dtype == "fp32" else None
 

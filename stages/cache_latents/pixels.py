@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from stages.common.errors import InputError, MissingInput
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
@@ -14,11 +15,11 @@ def read_image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is listed in the preprocess manifest but missing; rerun the preprocess stage") from None
+        raise MissingInput(f"{path} is listed in the preprocess manifest but missing; rerun the preprocess stage") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable image ({exc}); rerun the preprocess stage") from None
+        raise InputError(f"{path}: not a readable image ({exc}); rerun the preprocess stage") from None
     if width % 8 or height % 8:
-        raise ValueError(f"{path}: {width}x{height} is not a multiple of 8 on both sides, which the VAE needs; rerun the preprocess stage")
+        raise InputError(f"{path}: {width}x{height} is not a multiple of 8 on both sides, which the VAE needs; rerun the preprocess stage")
     return width, height
 
 

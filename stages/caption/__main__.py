@@ -10,6 +10,7 @@ from tqdm import tqdm
 from stages.caption.captions import write_captions
 from stages.caption.settings import CaptionSettings
 from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage, section_from_json
+from stages.common.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
     if args.settings is not None:
         section = section_from_json("caption", args.settings)
         if not (args.preprocessed and args.out):
-            raise ValueError("--settings needs --preprocessed and --out too")
+            raise InputError("--settings needs --preprocessed and --out too")
         preprocessed, out, store = args.preprocessed, args.out, args.store
     else:
         config = load_full_config(args)

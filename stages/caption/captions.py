@@ -17,6 +17,7 @@ from stages.caption.settings import CaptionSettings, FilenameRule
 from stages.caption.tag_selection import caption_from_scores
 from stages.caption.tagging import TAGS_COLUMNS, score_images, tag_rows
 from stages.common.files import write_csv_atomic, write_text_atomic
+from stages.common.errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,17 @@ def _read_sidecar(preprocess_dir: Path, name: str) -> str:
     try:
         return path.read_text(encoding="utf-8-sig").strip()  # preprocess writes UTF-8 whatever the user's editor used
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is listed in {preprocess_dir / 'manifest.csv'} but missing; rerun preprocess") from None
+        raise MissingInput(f"{path} is listed in {preprocess_dir / 'manifest.csv'} but missing; rerun preprocess") from None
 
 
 def _read_manifest(preprocess_dir: Path) -> pd.DataFrame:
     path = preprocess_dir / "manifest.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run the preprocess stage first")
+        raise MissingInput(f"{path} does not exist; run the preprocess stage first")
     manifest = pd.read_csv(path, keep_default_na=False, dtype=str)
     missing = [column for column in ("output", "caption", "source") if column not in manifest.columns]
     if missing:
-        raise ValueError(f"{path} has no {', '.join(missing)} column; rerun preprocess with this version of tiflow")
+        raise InputError(f"{path} has no {', '.join(missing)} column; rerun preprocess with this version of tiflow")
     return manifest
 
 

@@ -15,6 +15,7 @@ from stages.common.clip_vocab import VOCAB_SIZE, build_clip_tokenizer
 from stages.common.config import load_config, run_settings
 from stages.common.tokens import PROMPT_TOKEN_BUDGET, add_placeholder_tokens, expand_trigger, placeholder_tokens, tokenize_prompts
 from stages.common.prompts import build_prompt, load_template
+from stages.common.errors import MissingInput
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def _prompt_warnings(prompt: str, content_ids: list[int], trigger: str, tokenize
 def _read_captions(config: dict) -> pd.DataFrame:
     path = Path(config["out_dir"]) / "caption" / "captions.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; write the captions first (`snakemake --cores 1 {path}` or `python -m stages.caption`)")
+        raise MissingInput(f"{path} does not exist; write the captions first (`snakemake --cores 1 {path}` or `python -m stages.caption`)")
     return pd.read_csv(path, keep_default_na=False, dtype=str)
 
 

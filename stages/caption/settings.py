@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common.config import ConfigError, validate_config
+from stages.common.errors import MissingInput
 
 METHODS = ("existing", "filename", "tagger", "none")
 EXISTING_ACTIONS = ("ignore", "copy", "prepend", "append")
@@ -60,9 +61,9 @@ class TaggerSettings:
         if self.model is None:
             raise ConfigError("caption.tagger.model: not set; give the path of the tagger's model.onnx (e.g. from SmilingWolf/wd-v1-4-convnext-tagger-v2) or drop tagger from caption.method")
         if not self.model.is_file():
-            raise FileNotFoundError(f"caption.tagger.model: {self.model} does not exist; give the path of a WD14-style tagger's model.onnx")
+            raise MissingInput(f"caption.tagger.model: {self.model} does not exist; give the path of a WD14-style tagger's model.onnx")
         if self.tags is None or not self.tags.is_file():
-            raise FileNotFoundError(f"caption.tagger.tags: {self.tags} does not exist; give the selected_tags.csv that came with {self.model.name}")
+            raise MissingInput(f"caption.tagger.tags: {self.tags} does not exist; give the selected_tags.csv that came with {self.model.name}")
         return self.model, self.tags
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from stages.common.errors import InputError, MissingInput
 
 # Danbooru categories as the WD14 taggers' selected_tags.csv numbers them
 GENERAL, CHARACTER, RATING = 0, 4, 9
@@ -28,21 +29,21 @@ class TagTable:
 def load_tag_table(path: Path) -> TagTable:
     """Read selected_tags.csv (columns tag_id, name, category, count); refuse anything else by name."""
     if not path.is_file():
-        raise FileNotFoundError(f"caption.tagger.tags: {path} does not exist; give the selected_tags.csv that came with the tagger model")
+        raise MissingInput(f"caption.tagger.tags: {path} does not exist; give the selected_tags.csv that came with the tagger model")
     try:
         # keep_default_na=False: tags such as "null" or "na" are names, not missing values
         table = pd.read_csv(path, dtype={"name": str}, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise ValueError(f"caption.tagger.tags: {path} is not a readable CSV file ({exc})") from None
+        raise InputError(f"caption.tagger.tags: {path} is not a readable CSV file ({exc})") from None
     missing = [column for column in ("name", "category") if column not in table.columns]
     if missing:
-        raise ValueError(f"caption.tagger.tags: {path} has no {' or '.join(missing)} column (found: {', '.join(map(str, table.columns))}); "
+        raise InputError(f"caption.tagger.tags: {path} has no {' or '.join(missing)} column (found: {', '.join(map(str, table.columns))}); "
                          "a WD14 selected_tags.csv has tag_id, name, category, count")
     if table.empty:
-        raise ValueError(f"caption.tagger.tags: {path} lists no tags")
+        raise InputError(f"caption.tagger.tags: {path} lists no tags")
     categories = pd.to_numeric(table["category"], errors="coerce")
     bad = categories.isna() | (categories != categories.round())
     if bad.any():
         row = int(bad.idxmax())
-        raise ValueError(f"caption.tagger.tags: {path} row {row + 2}: category {table['category'][row]!r} is not a whole number (0 general, 4 character, 9 rating)")
+        raise InputError(f"caption.tagger.tags: {path} row {row + 2}: category {table['category'][row]!r} is not a whole number (0 general, 4 character, 9 rating)")
     return TagTable(path=path, names=tuple(table["name"]), categories=categories.to_numpy(dtype=np.int64))

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from PIL import Image, UnidentifiedImageError
+from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def choose_providers(device: str) -> list[str]:
     """CUDA when asked for or available (device=auto), else the CPU."""
     available = ort.get_available_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise ValueError(f"caption.tagger.device: cuda, but this onnxruntime has no CUDA provider (available: {', '.join(available)}); "
+        raise InputError(f"caption.tagger.device: cuda, but this onnxruntime has no CUDA provider (available: {', '.join(available)}); "
                          "install onnxruntime-gpu or use device: auto")
     if device != "cpu" and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -53,16 +54,16 @@ def open_tagger(path: Path, threads: int = 0, device: str = "auto") -> TaggerMod
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=choose_providers(device))
     except ORT_ERRORS as exc:
-        raise ValueError(f"caption.tagger.model: onnxruntime cannot load {path} ({_first_line(exc)}); give a WD14-style tagger's model.onnx") from None
+        raise InputError(f"caption.tagger.model: onnxruntime cannot load {path} ({_first_line(exc)}); give a WD14-style tagger's model.onnx") from None
     model_input = session.get_inputs()[0]
     shape = list(model_input.shape)
     if model_input.type != "tensor(float)" or len(shape) != 4 or shape[3] != 3:
-        raise ValueError(f"caption.tagger.model: {path} takes {model_input.type} of shape {shape}; a WD14-style tagger takes "
+        raise InputError(f"caption.tagger.model: {path} takes {model_input.type} of shape {shape}; a WD14-style tagger takes "
                          "float images as [batch, height, width, 3] (NHWC, BGR)")
     height, width = shape[1], shape[2]
     if isinstance(height, int) and isinstance(width, int):
         if height != width:
-            raise ValueError(f"caption.tagger.model: {path} takes {width}x{height} images; WD14-style taggers take square ones")
+            raise InputError(f"caption.tagger.model: {path} takes {width}x{height} images; WD14-style taggers take square ones")
         side = height
     else:
         log.warning("%s leaves its input size open (%s); using the WD14 size %d", path, shape, DEFAULT_SIDE)
@@ -102,7 +103,7 @@ def load_tagger_input(path: Path, side: int) -> np.ndarray:
             image.load()
             return prepare_image(image, side)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise ValueError(f"caption.tagger: cannot read {path} ({exc}); rerun preprocess to rewrite it, or remove it from the dataset") from None
+        raise InputError(f"caption.tagger: cannot read {path} ({exc}); rerun preprocess to rewrite it, or remove it from the dataset") from None
 
 
 def run_tagger(model: TaggerModel, batch: np.ndarray) -> np.ndarray:
@@ -114,7 +115,7 @@ def run_tagger(model: TaggerModel, batch: np.ndarray) -> np.ndarray:
     try:
         scores = model.session.run(None, {model.input_name: batch})[0]
     except ORT_ERRORS as exc:
-        raise ValueError(f"caption.tagger.model: {model.path} failed on a batch of {count} image(s) ({_first_line(exc)})") from None
+        raise InputError(f"caption.tagger.model: {model.path} failed on a batch of {count} image(s) ({_first_line(exc)})") from None
     return np.asarray(scores, dtype=np.float32).reshape(len(batch), -1)[:count]
 
 

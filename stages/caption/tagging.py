@@ -15,6 +15,7 @@ from stages.caption.tag_selection import TagChoice
 from stages.caption.tag_table import CHARACTER, GENERAL, RATING, TagTable, load_tag_table
 from stages.caption.tagger_model import load_tagger_input, open_tagger, run_tagger
 from stages.common.files import hash_file
+from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class TaggerScores:
 
 def _check_width(width: int, table: TagTable, model: Path) -> None:
     if width != len(table):
-        raise ValueError(f"caption.tagger: {model} gives {width} scores per image but {table.path} lists {len(table)} tags; "
+        raise InputError(f"caption.tagger: {model} gives {width} scores per image but {table.path} lists {len(table)} tags; "
                          "use the selected_tags.csv that came with this model")
 
 
@@ -60,7 +61,7 @@ def score_images(
         try:
             digest = hash_file(path)
         except OSError as exc:
-            raise ValueError(f"caption.tagger: cannot read {path} ({exc}); rerun preprocess") from None
+            raise InputError(f"caption.tagger: cannot read {path} ({exc}); rerun preprocess") from None
         cached = cache.load(digest)
         if cached is None:
             pending.setdefault(digest, []).append(name)

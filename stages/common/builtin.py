@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # torch, diffusers and transformers are imported where a model is built: checking a builtin name
 # (the workflow's start-up check) must not pay seconds of imports
 from stages.common.clip_vocab import EOS_TOKEN, VOCAB_SIZE, build_clip_tokenizer, write_tokenizer_files
+from stages.common.errors import InputError
 
 
 _SD_SCHEDULER = {
@@ -164,7 +165,7 @@ def parse_builtin_name(path: str) -> str | None:
         return None
     name = str(path)[len(PREFIX) :]
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"model.path: unknown builtin model {name!r}; available: {', '.join(PREFIX + n for n in BUILTIN_MODELS)}")
+        raise InputError(f"model.path: unknown builtin model {name!r}; available: {', '.join(PREFIX + n for n in BUILTIN_MODELS)}")
     return name
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from stages.common.builtin import BUILTIN_MODELS, BuiltinSpec
 from stages.common.families import get_family
+from stages.common.errors import InputError, MissingInput
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -34,7 +35,7 @@ FULL_SIZE_SPEC = {"sd1": "sd15", "sd2": "sd21"}  # architecture assumed for file
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file that can't be used; the message names the file and what to do."""
 
 
@@ -50,7 +51,7 @@ def detect_family(keys: Iterable[str]) -> str:
         return "sd2"
     if any(k.startswith(SD1_TEXT_PREFIX) for k in keys):
         return "sd1"
-    raise ValueError(_diagnose(keys))
+    raise InputError(_diagnose(keys))
 
 
 def _diagnose(keys: list[str]) -> str:
@@ -85,7 +86,7 @@ def read_checkpoint_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str,
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the model path")
+        raise MissingInput(f"checkpoint {path} does not exist; check the model path")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; a single-file checkpoint is one .safetensors or .ckpt file (a diffusers folder loads as a folder)")
     suffix = path.suffix.lower()

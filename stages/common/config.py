@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import os
 import functools
@@ -9,11 +10,12 @@ from pathlib import Path
 
 import jsonschema
 import yaml
+from stages.common.errors import InputError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value that is missing, unknown, of the wrong type or out of range."""
 
 
@@ -155,3 +157,30 @@ def run_settings(config: dict, run: str) -> dict:
     settings.setdefault("token", run)
     settings["name"] = run
     return settings
+
+
+def section_properties(section: str) -> dict:
+    """The schema's properties of a top-level section (following a $ref), e.g. section_properties("train")."""
+    schema = load_schema()
+    node = schema["properties"][section]
+    while "$ref" in node:
+        node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    return node["properties"]
+
+
+def section_record_values(record, values: dict, where: str, section: str) -> dict:
+    """The constructor arguments of a settings record from a schema-checked section, the same way in every stage.
+
+    A key the record does not know is refused; a key the schema leaves without a default (an
+    optional path, say) is None when absent; anything else missing means the section did not
+    come through validate_config, which is a programming error worth a clear message.
+    """
+    names = [f.name for f in dataclasses.fields(record)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: {unknown[0]}: unknown key (allowed keys here: {', '.join(sorted(names))})")
+    optional = {key for key, spec in section_properties(section).items() if "default" not in spec}
+    missing = [name for name in names if name not in values and name not in optional]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} missing; settings must come from validate_config, which fills the schema's defaults")
+    return {name: values.get(name) for name in names}

@@ -12,13 +12,14 @@ from safetensors.torch import save_file
 
 from stages.common.families import FAMILIES, Family, family_for_widths
 from stages.common.files import atomic_path
+from stages.common.errors import InputError
 
 SD_KEYS = ("emb_params",)  # SD1/SD2: one tensor (AUTOMATIC1111/ComfyUI/kohya key)
 SDXL_KEYS = ("clip_l", "clip_g")  # SDXL: one tensor per text encoder, in text-encoder order
 A1111_STAR_TOKEN = 265  # the id of '*' that AUTOMATIC1111 writes into string_to_token
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(InputError):
     """An embedding file or tensor that cannot be used; the message names the file and the reason."""
 
 

@@ -7,6 +7,7 @@ from typing import Callable
 from stages.common.embedding import Embedding, save_a1111_pt, save_diffusers, save_safetensors
 from stages.common.embedding_png import save_png_embedding
 from stages.common.embedding_read import read_embedding
+from stages.common.errors import InputError
 
 # format name → writer(embedding, path) → paths written
 EMBEDDING_WRITERS: dict[str, Callable[[Embedding, Path], list[Path]]] = {
@@ -22,12 +23,12 @@ def write_embedding(embedding: Embedding, to: str, out: Path) -> list[Path]:
     try:
         writer = EMBEDDING_WRITERS[to]
     except KeyError:
-        raise ValueError(f"unknown embedding format {to!r}; allowed: {', '.join(EMBEDDING_WRITERS)}") from None
+        raise InputError(f"unknown embedding format {to!r}; allowed: {', '.join(EMBEDDING_WRITERS)}") from None
     return writer(embedding, Path(out))
 
 
 def convert_embedding(source: Path, to: str, out: Path) -> list[Path]:
     """Read any supported embedding file and write it as format `to` at `out`."""
     if Path(out).resolve() == Path(source).resolve():
-        raise ValueError(f"{out}: the output would overwrite the input; give another -o path")
+        raise InputError(f"{out}: the output would overwrite the input; give another -o path")
     return write_embedding(read_embedding(source), to, out)

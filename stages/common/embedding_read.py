@@ -17,6 +17,7 @@ from stages.common.embedding import SDXL_KEYS, Embedding, EmbeddingError, check_
 from stages.common.embedding_png import read_image_payload
 from stages.common.embedding_safetensors import load_safetensors_embedding
 from stages.common.families import Family
+from stages.common.errors import MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def open_embedding_file(path: str | Path) -> EmbeddingFile:
     """Read any supported embedding file; refuse with an EmbeddingError anything unsafe or unusable."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an embedding file")
+        raise MissingInput(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an embedding file")
     container = detect_container(path)
     metadata: dict[str, str] = {}
     if container == "safetensors":

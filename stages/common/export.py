@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from stages.common.builtin import build_builtin_components, parse_builtin_name
+from stages.common.errors import InputError
 
 
 def export_diffusers_folder(components: dict, folder: Path) -> Path:
@@ -41,9 +42,9 @@ def export_builtin(name_or_path: str, folder: Path | None = None, single_file: P
     """`tiflow export-model`: write builtin:<name> as a diffusers folder and/or a single file."""
     name = parse_builtin_name(name_or_path)
     if name is None:
-        raise ValueError(f"{name_or_path!r} is not a builtin model; write builtin:<name>, e.g. builtin:tiny-sd15")
+        raise InputError(f"{name_or_path!r} is not a builtin model; write builtin:<name>, e.g. builtin:tiny-sd15")
     if folder is None and single_file is None:
-        raise ValueError("give an output folder, --single-file FILE.safetensors, or both")
+        raise InputError("give an output folder, --single-file FILE.safetensors, or both")
     components = build_builtin_components(name)
     written = []
     if folder is not None:
@@ -52,7 +53,7 @@ def export_builtin(name_or_path: str, folder: Path | None = None, single_file: P
         from stages.common.checkpoint_write import save_original_checkpoint
 
         if single_file.suffix != ".safetensors":
-            raise ValueError(f"--single-file {single_file}: write a .safetensors file (pickled .ckpt files are not written)")
+            raise InputError(f"--single-file {single_file}: write a .safetensors file (pickled .ckpt files are not written)")
         save_original_checkpoint(components, single_file, builtin_name=name, dtype=torch.float16 if half else torch.float32)
         written.append(single_file)
     return written

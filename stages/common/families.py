@@ -5,6 +5,7 @@ The trainer, the cache and the embedding code read these rows instead of branchi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from stages.common.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise ValueError(f"unknown model family {name!r}; allowed: {', '.join(FAMILIES)} (or 'auto')") from None
+        raise InputError(f"unknown model family {name!r}; allowed: {', '.join(FAMILIES)} (or 'auto')") from None
 
 
 def family_for_widths(widths: tuple[int, ...]) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 
 from stages.common.builtin import BUILTIN_MODELS, build_builtin_components, parse_builtin_name
 from stages.common.families import Family, get_family
+from stages.common.errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _load_diffusers_folder(folder: Path) -> dict:
 
     missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / sub).is_dir()]
     if missing:
-        raise ValueError(f"model.path: {folder} is not a diffusers model folder: missing {', '.join(missing)}/")
+        raise InputError(f"model.path: {folder} is not a diffusers model folder: missing {', '.join(missing)}/")
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
         "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True),
@@ -102,7 +103,7 @@ def load_model(path: str, family: str = "auto") -> ModelBundle:
     else:
         target = Path(path)
         if not target.exists():
-            raise FileNotFoundError(f"model.path: {target} does not exist; give a diffusers folder, a .safetensors/.ckpt file or builtin:tiny-sd15")
+            raise MissingInput(f"model.path: {target} does not exist; give a diffusers folder, a .safetensors/.ckpt file or builtin:tiny-sd15")
         if target.is_dir():
             components = _load_diffusers_folder(target)
             detected = _detect_folder_family(target)
@@ -112,7 +113,7 @@ def load_model(path: str, family: str = "auto") -> ModelBundle:
             components = load_original_checkpoint(target, family)
             detected = components.pop("family")
         else:
-            raise ValueError(f"model.path: {target} is neither a folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file")
+            raise InputError(f"model.path: {target} is neither a folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file")
     chosen = detected if family == "auto" else family
     if family != "auto" and get_family(family).text_encoders[0].embedding_key != get_family(detected).text_encoders[0].embedding_key:
         log.warning("model.family=%s overrides the detected family %s", family, detected)

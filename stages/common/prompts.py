@@ -7,6 +7,7 @@ import random
 import re
 from importlib import resources
 from pathlib import Path
+from stages.common.errors import InputError, MissingInput
 
 BUILTIN_TEMPLATES = ("object", "style", "subject", "subject_filewords", "style_filewords")
 
@@ -20,13 +21,13 @@ def load_template(template: str) -> list[str] | None:
     else:
         path = Path(template)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"train.template: {template!r} is neither a built-in template ({', '.join(('captions',) + BUILTIN_TEMPLATES)}) nor an existing .txt file"
             )
         text = path.read_text(encoding="utf-8-sig")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
-        raise ValueError(f"train.template: {template} has no non-empty line")
+        raise InputError(f"train.template: {template} has no non-empty line")
     return lines
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from stages.common.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -19,14 +20,14 @@ def parse_learning_rate(value: float | int | str) -> list[ScheduleStep]:
     A bound of -1 means "until the end". Bounds are absolute steps and must increase.
     """
     if isinstance(value, bool):
-        raise ValueError(f"expected a number or a schedule string, found {value!r}")
+        raise InputError(f"expected a number or a schedule string, found {value!r}")
     if isinstance(value, (int, float)):
         if not value > 0:
-            raise ValueError(f"must be positive, found {value}")
+            raise InputError(f"must be positive, found {value}")
         return [ScheduleStep(float(value), None)]
     pieces = [p.strip() for p in str(value).split(",") if p.strip()]
     if not pieces:
-        raise ValueError("empty schedule; write a number like 0.005 or 'rate:step, ..., rate'")
+        raise InputError("empty schedule; write a number like 0.005 or 'rate:step, ..., rate'")
     steps: list[ScheduleStep] = []
     for index, piece in enumerate(pieces):
         rate_text, _, step_text = piece.partition(":")
@@ -34,21 +35,21 @@ def parse_learning_rate(value: float | int | str) -> list[ScheduleStep]:
             rate = float(rate_text)
             until = float(step_text) if step_text.strip() else None
         except ValueError:
-            raise ValueError(f"cannot read {piece!r}: each entry is 'rate:step' (the last may be just 'rate'), e.g. '0.05:100, 0.005'") from None
+            raise InputError(f"cannot read {piece!r}: each entry is 'rate:step' (the last may be just 'rate'), e.g. '0.05:100, 0.005'") from None
         if rate <= 0:
-            raise ValueError(f"rate in {piece!r} must be positive")
+            raise InputError(f"rate in {piece!r} must be positive")
         if until == -1:
             until = None  # AUTOMATIC1111: -1 trains at this rate until the end
         elif until is not None and until <= 0:
-            raise ValueError(f"step in {piece!r} must be positive, or -1 for 'until the end'")
+            raise InputError(f"step in {piece!r} must be positive, or -1 for 'until the end'")
         if until is None and index != len(pieces) - 1:
-            raise ValueError(f"only the last entry may omit its step (or use -1), found {piece!r}: the entries after it would never be reached")
+            raise InputError(f"only the last entry may omit its step (or use -1), found {piece!r}: the entries after it would never be reached")
         steps.append(ScheduleStep(rate, until))
     bounds = [s.until_step for s in steps if s.until_step is not None]
     if any(b >= 1 for b in bounds) and any(b < 1 for b in bounds):
-        raise ValueError("mix of step numbers and fractions of steps; write every bound one way, e.g. '0.05:100, 0.005:500'")
+        raise InputError("mix of step numbers and fractions of steps; write every bound one way, e.g. '0.05:100, 0.005:500'")
     if bounds != sorted(set(bounds)):
-        raise ValueError(f"the steps must increase from entry to entry, found {', '.join(f'{b:g}' for b in bounds)}")
+        raise InputError(f"the steps must increase from entry to entry, found {', '.join(f'{b:g}' for b in bounds)}")
     return steps
 
 
@@ -88,4 +89,4 @@ def schedule_factor(kind: str, step: int, total_steps: int, warmup_steps: int = 
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if kind == "linear":
         return 1.0 - progress
-    raise ValueError(f"train.lr_scheduler: unknown schedule {kind!r}; use constant, cosine or linear")
+    raise InputError(f"train.lr_scheduler: unknown schedule {kind!r}; use constant, cosine or linear")

@@ -1,8 +1,9 @@
 """Trigger-word rules: what a new token may be called and how many vectors fit a prompt (no torch needed)."""
 from __future__ import annotations
+from stages.common.errors import InputError
 
 
-class TokenError(ValueError):
+class TokenError(InputError):
     """A trigger word or init text that cannot work, found before any training."""
 
 

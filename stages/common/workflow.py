@@ -6,6 +6,7 @@ from pathlib import Path
 
 from stages.common.config import run_settings
 from stages.common.paths import BUILTIN_PREFIX, DEMO_DATASET
+from stages.common.errors import MissingInput
 
 
 def to_json(value) -> str:
@@ -20,7 +21,7 @@ def dataset_inputs(config: dict) -> list[str]:
         return []
     folder = Path(images)
     if not folder.is_dir():
-        raise FileNotFoundError(f"dataset.images: {images} is not a folder; give a folder of images or {DEMO_DATASET}")
+        raise MissingInput(f"dataset.images: {images} is not a folder; give a folder of images or {DEMO_DATASET}")
     entries = folder.rglob("*") if config["preprocess"].get("recursive") else folder.iterdir()
     return sorted(str(p) for p in entries if p.is_file())
 
@@ -31,7 +32,7 @@ def model_inputs(config: dict) -> list[str]:
     if path.startswith(BUILTIN_PREFIX):
         return []
     if not Path(path).exists():
-        raise FileNotFoundError(f"model.path: {path} does not exist; give a diffusers folder, a .safetensors/.ckpt file or builtin:tiny-sd15")
+        raise MissingInput(f"model.path: {path} does not exist; give a diffusers folder, a .safetensors/.ckpt file or builtin:tiny-sd15")
     return [path]
 
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from stages.common.config import run_settings, validate_config
 from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
 from stages.common.text import plural
+from stages.common.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         missing = [flag for flag, value in (("--train-dir", args.train_dir), ("--latents", args.latents),
                                             ("--captions", args.captions), ("--out", args.out)) if value is None]
         if missing:
-            raise ValueError(f"--settings needs {', '.join(missing)} too")
+            raise InputError(f"--settings needs {', '.join(missing)} too")
         size, out = _size(given.get("size", 512)), args.out
         run = RunToEvaluate.from_run_settings(args.run, given.get("run", {}), args.train_dir, args.latents, args.captions)
     else:

@@ -10,6 +10,7 @@ import pandas as pd
 from stages.common.files import write_text_atomic
 from stages.evaluate.charts import step_chart
 from stages.evaluate.html import STYLE, format_number
+from stages.common.errors import MissingInput
 
 
 def plot_runs(evaluate_dir: Path, runs: list[str], target: Path) -> None:
@@ -27,7 +28,7 @@ def write_overview(evaluate_dir: Path, runs: list[str]) -> Path:
         metrics_file = evaluate_dir / run / "metrics.json"
         for needed in (metrics_file, evaluate_dir / run / "val_loss.csv"):
             if not needed.is_file():
-                raise FileNotFoundError(f"{needed} does not exist; run the evaluate stage for {run!r} first")
+                raise MissingInput(f"{needed} does not exist; run the evaluate stage for {run!r} first")
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         name = escape(run)
         change = metrics.get("val_loss_best_vs_start")

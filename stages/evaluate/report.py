@@ -34,7 +34,7 @@ from stages.evaluate.validation import (
     score_checkpoints,
     starting_checkpoint,
 )
-from stages.train.dataset import load_examples, split_validation
+from stages.common.latents import load_examples, split_validation
 
 log = logging.getLogger(__name__)
 

@@ -16,19 +16,19 @@ import torch
 
 from stages.common.embedding import Embedding, EmbeddingError
 from stages.common.embedding_read import read_embedding_for_model
+from stages.common.errors import InputError, MissingInput
+from stages.common.latents import LatentExample
 from stages.common.models import ModelBundle
 from stages.common.prompts import load_template
-from stages.common.tokens import initial_vectors
-from stages.train.dataset import LatentExample
-from stages.train.start import starting_point
-from stages.train.trainer import (
+from stages.common.textual_inversion import (
+    ComputeOptions,
     TextualInversion,
-    TrainSettings,
     fixed_probe,
     pick_device,
     prepare_modules,
     probe_loss,
     probe_prompts,
+    starting_point,
 )
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,7 @@ def starting_checkpoint(bundle: ModelBundle, run: str, init_text: str, init_from
 
     Call before anything installs the run's token: init_text is looked up in the model's own vocabulary.
     """
-    settings = TrainSettings(name=run, token=run, init_text=init_text, init_from=init_from, vectors=vectors)
-    start, step = starting_point(settings, bundle)
-    if start is None:
-        start = initial_vectors(bundle.tokenizer, bundle.text_encoder.get_input_embeddings().weight.detach(), init_text, vectors)
+    start, step = starting_point(bundle, init_text, init_from, vectors)
     source = f"init_from {init_from}" if init_from else f"init_text {init_text!r}"
     return Checkpoint(step, source, is_start=True), Embedding.from_tensors(run, bundle.family, [start], step=step)
 
@@ -61,7 +58,7 @@ def load_checkpoints(bundle: ModelBundle, train_dir: Path, run: str) -> list[tup
     and checked against the model; the final file wins a tie."""
     final = train_dir / f"{run}.safetensors"
     if not final.is_file():
-        raise FileNotFoundError(f"{final} does not exist; run the train stage for {run!r} first")
+        raise MissingInput(f"{final} does not exist; run the train stage for {run!r} first")
     final_embedding = _read_checked(bundle, final)
     pattern = re.compile(rf"^{re.escape(run)}-(\d+)\.safetensors$")
     snapshots = {int(m.group(1)): path for path in (train_dir / "steps").glob("*.safetensors") if (m := pattern.match(path.name))}
@@ -82,11 +79,10 @@ class CheckpointModel:
     the vectors act exactly as they did when the loss was measured.
     """
 
-    def __init__(self, bundle: ModelBundle, first: Embedding, token: str, template: str, clip_skip: int = 1):
-        settings = TrainSettings(name=first.name, token=token, vectors=first.vector_count, template=template, clip_skip=clip_skip)
+    def __init__(self, bundle: ModelBundle, first: Embedding, token: str, template: str, clip_skip: int):
         self.key = first.encoder_keys[0]
-        self.model = TextualInversion(bundle, settings, start_vectors=first.vectors[self.key])
-        prepare_modules(bundle, settings, pick_device())
+        self.model = TextualInversion(bundle, token, first.vectors[self.key], clip_skip)
+        prepare_modules(bundle, ComputeOptions.plain("auto"), pick_device())
         self.model.vectors.data = self.model.vectors.data.to(device=pick_device(), dtype=torch.float32)
         self.token, self.template = token, load_template(template)
 
@@ -108,8 +104,8 @@ def score_checkpoints(
     examples: list[LatentExample],
     scored: list[tuple[Checkpoint, Embedding]],
     num_timesteps: int,
-    samples: int = 32,
-    seed: int = 0,
+    samples: int,
+    seed: int,
     progress=None,
 ) -> pd.DataFrame:
     """val_loss.csv's table: one row per (checkpoint, embedding), in the order given, all on the same fixed probe."""
@@ -131,5 +127,5 @@ def best_step(table: pd.DataFrame) -> int:
     """
     finite = table[table.val_loss.notna() & ~table.start.astype(bool)]
     if finite.empty:
-        raise ValueError("no checkpoint has a finite validation loss; check the train stage's log for NaN steps")
+        raise InputError("no checkpoint has a finite validation loss; check the train stage's log for NaN steps")
     return int(finite.sort_values(["val_loss", "step"]).iloc[0].step)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage, section_from_json
 from stages.preprocess.prepare import PreprocessSettings, preprocess_folder, resolve_source
+from stages.common.errors import InputError
 
 
 def _usable_cores() -> int:
@@ -33,11 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     if args.threads < 1:
-        raise ValueError(f"--threads: {args.threads} is not a number of worker processes; give 1 or more")
+        raise InputError(f"--threads: {args.threads} is not a number of worker processes; give 1 or more")
     if args.settings is not None:
         section = section_from_json("preprocess", args.settings)
         if not (args.images and args.out):
-            raise ValueError("--settings needs --images and --out too")
+            raise InputError("--settings needs --images and --out too")
         images, out = args.images, args.out
     else:
         config = load_full_config(args)

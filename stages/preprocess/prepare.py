@@ -26,6 +26,7 @@ from stages.preprocess.outputs import DEBUG_FOLDER, output_names, place_file, re
 from stages.preprocess.process import SourceOutcome, process_source
 from stages.preprocess.settings import PreprocessSettings
 from stages.preprocess.sources import SkipImage, find_caption, list_source_files, read_caption
+from stages.common.errors import InputError
 
 __all__ = ["PreprocessSettings", "PreprocessSummary", "preprocess_folder", "resolve_source"]
 
@@ -121,7 +122,7 @@ def preprocess_folder(
         # the reasons go in the message itself: Snakemake deletes skipped.csv, a declared output, when the job fails
         reasons = "".join(f"\n  {Path(row['file']).name}: {row['reason']}" for row in skipped[:20])
         more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        raise ValueError(
+        raise InputError(
             f"dataset.images: no usable image in {source}: {plural(len(skipped), 'file')} skipped"
             f"{f', {ignored} ignored as not images' if ignored else ''}; add JPEG/PNG/WebP images or fix the skipped ones:{reasons}{more}"
         )

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from PIL import ImageColor
+from stages.common.errors import InputError
 
 MODES = ("center", "pad", "focal", "bucket", "none")
 SPLIT_MODES = ("center", "pad", "focal")  # bucket and none keep each image's own aspect ratio
@@ -23,7 +24,7 @@ def parse_colour(value: str, key: str) -> tuple[int, int, int]:
     try:
         return ImageColor.getrgb(value)[:3]
     except ValueError:
-        raise ValueError(f"preprocess.{key}: {value!r} is not a colour; use a name such as white or a hex code such as #808080") from None
+        raise InputError(f"preprocess.{key}: {value!r} is not a colour; use a name such as white or a hex code such as #808080") from None
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,20 @@ class PreprocessSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"preprocess.mode: {self.mode!r} is not a mode; choose one of {', '.join(MODES)}")
+            raise InputError(f"preprocess.mode: {self.mode!r} is not a mode; choose one of {', '.join(MODES)}")
         if self.split and self.mode not in SPLIT_MODES:
-            raise ValueError(f"preprocess.split: splitting needs mode {', '.join(SPLIT_MODES)}; mode {self.mode} keeps each image's aspect ratio")
+            raise InputError(f"preprocess.split: splitting needs mode {', '.join(SPLIT_MODES)}; mode {self.mode} keeps each image's aspect ratio")
         if not 0 <= self.split_overlap < 1:
-            raise ValueError(f"preprocess.split_overlap: {self.split_overlap} must be at least 0 and below 1")
+            raise InputError(f"preprocess.split_overlap: {self.split_overlap} must be at least 0 and below 1")
         if self.mode == "bucket":
             self._check_buckets()
 
     def _check_buckets(self) -> None:
         if self.bucket_min_side > self.bucket_max_side:
-            raise ValueError(f"preprocess.bucket_min_side ({self.bucket_min_side}) is larger than preprocess.bucket_max_side ({self.bucket_max_side})")
+            raise InputError(f"preprocess.bucket_min_side ({self.bucket_min_side}) is larger than preprocess.bucket_max_side ({self.bucket_max_side})")
         square = int(math.sqrt(self.size[0] * self.size[1]) // self.bucket_step) * self.bucket_step
         if not self.bucket_min_side <= square <= self.bucket_max_side:
-            raise ValueError(
+            raise InputError(
                 f"preprocess.size: the square bucket of this area is {square}x{square}, outside "
                 f"preprocess.bucket_min_side..bucket_max_side ({self.bucket_min_side}..{self.bucket_max_side}); change the size or those bounds"
             )
@@ -84,7 +85,7 @@ class PreprocessSettings:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"preprocess: unknown keys {', '.join(unknown)}; allowed keys: {', '.join(sorted(known))}")
+            raise InputError(f"preprocess: unknown keys {', '.join(unknown)}; allowed keys: {', '.join(sorted(known))}")
         return cls(**values)
 
     def cache_key(self) -> str:

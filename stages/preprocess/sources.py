@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from stages.common.errors import MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def list_source_files(folder: Path, recursive: bool = False, caption_extension: 
     without its extension is still used, while notes and documents are ignored quietly there.
     """
     if not folder.is_dir():
-        raise FileNotFoundError(f"dataset.images: {folder} is not a folder of images")
+        raise MissingInput(f"dataset.images: {folder} is not a folder of images")
     entries = sorted(folder.rglob("*") if recursive else folder.iterdir())
     caption_suffixes = {".txt", caption_extension.lower()}
     candidates = []

@@ -12,6 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from stages.common.config import run_settings, validate_config
 from stages.common.families import clip_skip_warning
 from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
+from stages.common.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[dict, dict, dict]:
         settings = dict(config["train"], name=args.run)
         settings.setdefault("token", args.run)
         if not (args.latents and args.captions and args.out and args.state_dir):
-            raise ValueError("--settings needs --latents, --captions, --out and --state-dir too")
+            raise InputError("--settings needs --latents, --captions, --out and --state-dir too")
         size = section.get("size", 512)
         paths = {"latents": args.latents, "captions": args.captions, "out": args.out, "state": args.state_dir}
         return settings, config["model"], dict(paths, size=size)
@@ -56,16 +57,17 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 def main(args: argparse.Namespace) -> int:
     settings, model_section, paths = _settings_from_args(args)
     from stages.common.models import load_model
-    from stages.train.dataset import load_examples, split_validation
+    from stages.common.latents import load_examples, split_validation
     from stages.train.interrupt import TrainingInterrupted
     from stages.train.outputs import RunOutputs
     from stages.train.preview import make_previewer
     from stages.train.progress import ProgressReporter
     from stages.train.resume import resume_key
-    from stages.train.start import starting_point
-    from stages.train.trainer import NonFiniteLoss, TrainSettings, train_embedding
+    from stages.common.textual_inversion import starting_point
+    from stages.train.settings import TrainSettings
+    from stages.train.trainer import NonFiniteLoss, train_embedding
 
-    train_settings = TrainSettings.from_section(settings, clip_skip=model_section["clip_skip"])
+    train_settings = TrainSettings.from_section(settings, args.run, model_section["clip_skip"])
     bundle = load_model(model_section["path"], model_section["family"])
     warning = clip_skip_warning(bundle.family, model_section["clip_skip"])
     if warning:
@@ -74,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     if held_out:
         print(f"train: {args.run}: {len(held_out)} of {len(examples) + len(held_out)} latents held out for validation "
               f"(validation_split {train_settings.validation_split}): {', '.join(sorted({e.image for e in held_out}))}")
-    start_vectors, start_step = starting_point(train_settings, bundle)
+    start_vectors, start_step = starting_point(bundle, train_settings.init_text, train_settings.init_from, train_settings.vectors)
     state_dir = paths["state"] / resume_key(settings, bundle.identity, bundle.family.name, model_section["clip_skip"], paths["latents"] / "manifest.csv", paths["captions"] / "captions.csv")
     size = paths["size"] if isinstance(paths["size"], list) else [paths["size"]] * 2
     previewer = make_previewer(bundle, train_settings.preview, train_settings.token, tuple(size), RunOutputs(paths["out"], args.run)) \

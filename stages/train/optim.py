@@ -6,6 +6,7 @@ import logging
 import torch
 
 from stages.common.schedule import learning_rate_at, parse_learning_rate, schedule_end, schedule_factor
+from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ def build_optimizer(params: list[torch.nn.Parameter], kind: str, weight_decay: f
         try:
             import bitsandbytes
         except ImportError:
-            raise ValueError("train.optimizer: adamw8bit needs the bitsandbytes package (pip install bitsandbytes); or use adamw") from None
+            raise InputError("train.optimizer: adamw8bit needs the bitsandbytes package (pip install bitsandbytes); or use adamw") from None
         return bitsandbytes.optim.AdamW8bit(params, lr=1.0, weight_decay=weight_decay)
     if device.type == "cuda":
         return torch.optim.AdamW(params, lr=1.0, weight_decay=weight_decay, fused=True)

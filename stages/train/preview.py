@@ -24,6 +24,6 @@ def make_previewer(bundle: ModelBundle, preview: dict, trigger: str, size: tuple
         image = sample_image(pipeline, preview["seed"], (width, height), preview["steps"], preview["guidance_scale"],
                              prompt_embeds=positive, negative_prompt_embeds=negative)
         # AUTOMATIC1111's "save images with embedding in PNG chunks": the preview is itself a loadable embedding
-        save_png_embedding(model.current_embedding(step), outputs.preview_path(step), image=image)
+        save_png_embedding(model.current_embedding(outputs.name, step), outputs.preview_path(step), image=image)
 
     return render

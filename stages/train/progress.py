@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tqdm import tqdm
+from stages.common.errors import InputError
 
 
 class ProgressReporter:
@@ -16,7 +17,7 @@ class ProgressReporter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ValueError("train.tensorboard: needs the tensorboard package (pip install tensorboard); or set it to false") from None
+                raise InputError("train.tensorboard: needs the tensorboard package (pip install tensorboard); or set it to false") from None
             self.writer = SummaryWriter(str(tensorboard_dir))
 
     def begin(self, total_steps: int, done_steps: int) -> None:

@@ -4,78 +4,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from stages.common.embedding import Embedding
+from stages.common.latents import LatentExample, once_sample, sample_latent
 from stages.common.models import ModelBundle
-from stages.common.tokens import (
-    add_placeholder_tokens,
-    encode_prompt_ids,
-    expand_trigger,
-    initial_vectors,
-    install_trainable_embedding,
-    tokenize_prompts,
+from stages.common.prompts import augment_caption, build_prompt, load_template
+from stages.common.textual_inversion import (
+    ComputeOptions,
+    TextualInversion,
+    fixed_probe,
+    pick_device,
+    prepare_modules,
+    probe_loss,
+    probe_prompts,
+    starting_point,
 )
-from stages.train.dataset import BatchOrder, LatentExample, once_sample, sample_latent
 from stages.train.interrupt import TrainingInterrupted, stop_on_signals
 from stages.train.optim import LearningRate, build_optimizer
+from stages.train.order import BatchOrder
 from stages.train.outputs import RunOutputs
-from stages.common.prompts import augment_caption, build_prompt, load_template
 from stages.train.resume import ResumeStore
+from stages.train.settings import TrainSettings
+from stages.train.streams import RandomStreams
+from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2  # the resume state's layout; another version starts over instead of failing
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    name: str
-    token: str
-    init_text: str = "*"
-    init_from: str | None = None
-    vectors: int = 1
-    template: str = "captions"
-    learning_rate: float | str = 0.005
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.0
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    repeats: int = 1
-    save_every: int = 500
-    seed: int = 0
-    latent_sampling: str = "deterministic"
-    validation_split: float = 0.0  # fraction of images held out of training for evaluate's validation loss
-    shuffle_tags: bool = False
-    keep_tokens: int = 0
-    tag_dropout: float = 0.0
-    caption_dropout: float = 0.0
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    deterministic: bool = False
-    max_nan_steps: int = 10
-    preview_every: int = 0
-    preview: dict = field(default_factory=dict)
-    tensorboard: bool = False
-    clip_skip: int = 1
-
-    @classmethod
-    def from_section(cls, section: dict, clip_skip: int = 1) -> "TrainSettings":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in section.items() if k in known and k != "clip_skip"}, clip_skip=clip_skip)
 
 
 @dataclass
@@ -93,124 +54,6 @@ class NonFiniteLoss(RuntimeError):
     """Too many steps gave NaN/inf: the run stops rather than save a broken embedding."""
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
-class TextualInversion:
-    """The frozen model plus the embedding's trainable vectors, and the loss that trains them."""
-
-    def __init__(self, bundle: ModelBundle, settings: TrainSettings, start_vectors: torch.Tensor | None = None):
-        self.bundle, self.settings = bundle, settings
-        self.token_ids = add_placeholder_tokens(bundle.tokenizer, settings.token, settings.vectors)
-        base_weight = bundle.text_encoder.get_input_embeddings().weight
-        self.initial = start_vectors if start_vectors is not None else initial_vectors(bundle.tokenizer, base_weight, settings.init_text, settings.vectors)
-        self.embedding = install_trainable_embedding(bundle.text_encoder, self.initial)
-        self._ids_cache: dict[str, torch.Tensor] = {}
-
-    @property
-    def vectors(self) -> torch.nn.Parameter:
-        return self.embedding.new_vectors
-
-    def prompt_ids(self, prompts: list[str]) -> torch.Tensor:
-        rows = []
-        for prompt in prompts:
-            if prompt not in self._ids_cache:
-                expanded = expand_trigger(prompt, self.settings.token, self.settings.vectors)
-                self._ids_cache[prompt] = tokenize_prompts(self.bundle.tokenizer, [expanded], self.bundle.family.pad_with_eos)[0]
-            rows.append(self._ids_cache[prompt])
-        return torch.stack(rows).to(self.vectors.device)
-
-    def context(self, prompts: list[str]) -> torch.Tensor:
-        return encode_prompt_ids(self.bundle.text_encoder, self.prompt_ids(prompts), self.settings.clip_skip, self.bundle.family.penultimate_layer)
-
-    def loss(self, latents: torch.Tensor, prompts: list[str], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Denoising loss for a batch: add noise → predict it from the prompt → mean squared error."""
-        scheduler = self.bundle.scheduler
-        latents = latents * self.bundle.family.vae_scaling_factor  # the UNet works on scaled latents
-        noisy = scheduler.add_noise(latents, noise, timesteps)  # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
-        unet = self.bundle.unet
-        prediction = unet(noisy.to(unet.dtype), timesteps, self.context(prompts).to(unet.dtype)).sample
-        if self.bundle.family.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)  # v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
-        else:
-            target = noise  # eps-prediction
-        return F.mse_loss(prediction.float(), target.float())
-
-    def current_embedding(self, step: int, name: str | None = None) -> Embedding:
-        return Embedding.from_tensors(
-            name or self.settings.name, self.bundle.family, [self.vectors.detach()],
-            step=step, checkpoint_hash=self.bundle.identity, checkpoint_name=self.bundle.display_name,
-        )
-
-
-def use_deterministic_kernels(enabled: bool, device: torch.device) -> None:
-    """train.deterministic: only kernels that give the same bits on every run, where torch has them.
-
-    On a CPU, runs are reproducible without this (stages/__init__.py fixes MKL's code path); on a
-    GPU, atomics in some backward kernels and cuBLAS's workspace reuse make runs differ unless told.
-    """
-    if not enabled:
-        return
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed before cuBLAS's first call
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.use_deterministic_algorithms(True)
-
-
-def prepare_modules(bundle: ModelBundle, settings: TrainSettings, device: torch.device) -> torch.dtype:
-    """Move the frozen modules to the device in the chosen precision and apply the speed options."""
-    use_deterministic_kernels(settings.deterministic, device)
-    dtype = resolve_precision(settings.precision, device)
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
-        module.to(device)
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
-    if settings.gradient_checkpointing:
-        bundle.unet.enable_gradient_checkpointing()
-        bundle.unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout at train time in SD
-    if settings.channels_last:
-        bundle.unet.to(memory_format=torch.channels_last)
-    if settings.compile:
-        bundle.unet = torch.compile(bundle.unet)
-    return dtype
-
-
-def fixed_probe(examples: list[LatentExample], count: int, seed: int, num_timesteps: int):
-    """A held-fixed set of (example index, noise, timestep) to measure loss comparably across steps.
-
-    The timesteps are spread evenly over the schedule (shuffled over the examples): every noise
-    level counts, and the number varies less between seeds than with random timesteps.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    picks = [i % len(examples) for i in range(count)]
-    noise = [torch.randn(examples[i].mean.shape, generator=generator) for i in picks]
-    spread = ((torch.arange(count) + 0.5) * num_timesteps / count).long().clamp(max=num_timesteps - 1)
-    return picks, noise, spread[torch.randperm(count, generator=generator)]
-
-
-def probe_prompts(template: list[str] | None, examples: list[LatentExample], token: str) -> list[str]:
-    """Each example's prompt as training builds it, without augmentation: the first template line, or its caption."""
-    return [build_prompt(template[0] if template else None, e.caption, token) for e in examples]
-
-
-@torch.no_grad()
-def probe_loss(model: TextualInversion, examples: list[LatentExample], probe, prompts: list[str]) -> float:
-    picks, noise, timesteps = probe
-    device = model.vectors.device
-    total = 0.0
-    for index, i in enumerate(picks):
-        latents = examples[i].mean[None].to(device)
-        total += model.loss(latents, [prompts[i]], noise[index][None].to(device), timesteps[index : index + 1].to(device)).item()
-    return total / len(picks)
-
-
 class Trainer:
     """One run: its random streams, optimizer and counters, all restorable from the resume store."""
 
@@ -218,8 +61,11 @@ class Trainer:
                  store: ResumeStore, start_vectors: torch.Tensor | None = None, start_step: int = 0):
         self.bundle, self.examples, self.settings, self.outputs, self.store = bundle, examples, settings, outputs, store
         self.device = pick_device()
-        self.model = TextualInversion(bundle, settings, start_vectors)
-        self.dtype = prepare_modules(bundle, settings, self.device)
+        if start_vectors is None:  # no init_from read by the caller: init_text's words (or init_from's file)
+            start_vectors, start_step = starting_point(bundle, settings.init_text, settings.init_from, settings.vectors)
+        self.model = TextualInversion(bundle, settings.token, start_vectors, settings.clip_skip)
+        options = ComputeOptions(settings.precision, settings.gradient_checkpointing, settings.channels_last, settings.compile, settings.deterministic)
+        self.dtype = prepare_modules(bundle, options, self.device)
         # the frozen encoder may now be fp16/bf16, which rounded the vectors it holds; the trained
         # vectors stay fp32 (the master copy) and start from the unrounded starting vectors
         self.model.vectors.data = self.model.initial.detach().clone().to(device=self.device, dtype=torch.float32)
@@ -227,20 +73,21 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.rate = LearningRate(settings.learning_rate, settings.lr_scheduler, settings.lr_warmup_steps, settings.steps, start_step)
         if self.rate.steps_to_take <= 0:
-            raise ValueError(f"train.steps: {settings.steps} is not past step {start_step}, where init_from's embedding already is; "
+            raise InputError(f"train.steps: {settings.steps} is not past step {start_step}, where init_from's embedding already is; "
                              f"steps count from the embedding's first step (AUTOMATIC1111's Max steps), so set steps above {start_step}")
         if self.rate.end < settings.steps:
             log.warning("the learning-rate schedule %r ends at step %d, before steps: %d; training stops there, as in AUTOMATIC1111. "
                         "End the schedule with a plain rate (or rate:-1) to train until steps", settings.learning_rate, self.rate.end, settings.steps)
         self.template = load_template(settings.template)
-        self.order = BatchOrder([e.latent_size for e in examples], settings.batch_size, settings.repeats, settings.seed)
+        self.streams = RandomStreams(settings.seed)
+        self.order = BatchOrder([e.latent_size for e in examples], settings.batch_size, settings.repeats, self.streams.data_order)
         for size, count in self.order.small_buckets().items():
             log.warning("only %d images of latent size %dx%d (with repeats), fewer than batch_size %d: their batches hold %d, "
                         "as in kohya's buckets", count, size[1], size[0], settings.batch_size, count)
-        self.generator = torch.Generator().manual_seed(settings.seed)  # noise and timesteps
-        self.caption_rng = random.Random(settings.seed + 1)  # templates and caption augmentation
+        self.generator = torch.Generator().manual_seed(self.streams.noise)
+        self.caption_rng = random.Random(self.streams.captions)
         self.step, self.base_step, self.skipped, self.log_rows = 0, start_step, 0, []
-        self.probe = fixed_probe(examples, min(16, 2 * len(examples)), settings.seed + 3, bundle.scheduler.config.num_train_timesteps)
+        self.probe = fixed_probe(examples, min(16, 2 * len(examples)), self.streams.probe, bundle.scheduler.config.num_train_timesteps)
         self.probe_prompts = probe_prompts(self.template, examples, settings.token)
         self.probe_start = float("nan")
 
@@ -268,7 +115,7 @@ class Trainer:
     def save_checkpoint(self, interrupted: bool = False) -> None:
         """Snapshot embedding (steps/, or interrupted/ for a stop signal's) and the full state in the resume store."""
         step = self.base_step + self.step
-        snapshot = self.model.current_embedding(step, f"{self.settings.name}-{step}")  # AUTOMATIC1111 names snapshots name-N
+        snapshot = self.model.current_embedding(f"{self.settings.name}-{step}", step)  # AUTOMATIC1111 names snapshots name-N
         (self.outputs.save_interrupted if interrupted else self.outputs.save_snapshot)(snapshot)
         self.outputs.write_loss_log(self.log_rows)
         self.store.save(self.state_dict())
@@ -278,7 +125,7 @@ class Trainer:
         indices = self.order.next_batch()  # all of one latent size
         latents = torch.stack([
             sample_latent(self.examples[i], self.settings.latent_sampling, self.generator,
-                          once_sample(self.examples[i], i, self.settings.seed + 2) if self.settings.latent_sampling == "once" else None)
+                          once_sample(self.examples[i], i, self.streams.once_samples) if self.settings.latent_sampling == "once" else None)
             for i in indices
         ])
         prompts = []
@@ -353,8 +200,8 @@ class Trainer:
                     raise TrainingInterrupted(self.base_step + self.step, stop.signal_name)
                 if s.save_every and self.step % s.save_every == 0 and self.step < self.rate.steps_to_take:
                     self.save_checkpoint()
-        final = self.model.current_embedding(self.rate.end)
-        self.outputs.save_final(final, self.model.current_embedding(self.rate.end, f"{s.name}-{self.rate.end}"), self.log_rows)
+        final = self.model.current_embedding(s.name, self.rate.end)
+        self.outputs.save_final(final, self.model.current_embedding(f"{s.name}-{self.rate.end}", self.rate.end), self.log_rows)
         self.store.save(self.state_dict())  # a deleted output can be rewritten from here without training
         return TrainResult(
             embedding=final, initial_vectors=self.model.initial, losses=[row["loss"] for row in self.log_rows],

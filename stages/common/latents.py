@@ -1,13 +1,13 @@
-"""Training examples: cached latent distributions paired with their captions, and their order."""
+"""Latent examples: each cached latent distribution with its image's caption, as training and evaluate read them."""
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 
 import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
+from stages.common.errors import InputError, MissingInput
 
 
 class LatentExample:
@@ -21,7 +21,7 @@ class LatentExample:
     def __init__(self, image: str, mean: torch.Tensor | None = None, logvar: torch.Tensor | None = None, caption: str = "",
                  image_sha256: str = "", latent_file: Path | None = None, latent_size: tuple[int, int] | None = None):
         if (mean is None or logvar is None) and latent_file is None:
-            raise ValueError(f"{image}: a latent example needs mean and logvar, or the cache file that holds them")
+            raise InputError(f"{image}: a latent example needs mean and logvar, or the cache file that holds them")
         self.image, self.caption, self.image_sha256, self.latent_file = image, caption, image_sha256, latent_file
         self._mean, self._logvar = mean, logvar
         self._latent_size = latent_size
@@ -57,7 +57,7 @@ class LatentExample:
             with safe_open(str(self.latent_file), framework="pt") as entry:
                 return [entry.get_tensor(name) for name in names]
         except (OSError, SafetensorError) as error:
-            raise FileNotFoundError(f"{self.latent_file} (the latents of {self.image}) can no longer be read ({error}); "
+            raise MissingInput(f"{self.latent_file} (the latents of {self.image}) can no longer be read ({error}); "
                                     "rerun cache_latents, and don't prune its store while training runs") from None
 
     def __repr__(self) -> str:
@@ -72,15 +72,15 @@ def load_examples(latents_dir: Path, captions_dir: Path) -> list[LatentExample]:
     examples = []
     for record in manifest.itertuples():
         if record.image not in caption_of:
-            raise ValueError(f"{captions_dir / 'captions.csv'} has no caption for {record.image}; rerun the caption stage")
+            raise InputError(f"{captions_dir / 'captions.csv'} has no caption for {record.image}; rerun the caption stage")
         latent_path = latents_dir / record.latent_file
         if not latent_path.is_file():
-            raise FileNotFoundError(f"{latent_path} (listed in {latents_dir / 'manifest.csv'}) is missing; rerun cache_latents")
+            raise MissingInput(f"{latent_path} (listed in {latents_dir / 'manifest.csv'}) is missing; rerun cache_latents")
         size = (int(record.latent_height), int(record.latent_width)) if hasattr(record, "latent_height") else None
         examples.append(LatentExample(record.image, caption=str(caption_of[record.image]),
                                       image_sha256=str(getattr(record, "image_sha256", "")), latent_file=latent_path, latent_size=size))
     if not examples:
-        raise ValueError(f"{latents_dir / 'manifest.csv'} lists no latents; nothing to train on")
+        raise InputError(f"{latents_dir / 'manifest.csv'} lists no latents; nothing to train on")
     return examples
 
 
@@ -96,7 +96,7 @@ def split_validation(examples: list[LatentExample], fraction: float) -> tuple[li
     images = sorted({e.image: e.image_sha256 or hashlib.sha256(e.image.encode()).hexdigest() for e in examples}.items(),
                     key=lambda item: (item[1], item[0]))
     if len(images) < 2:
-        raise ValueError(f"train.validation_split: {fraction} needs at least 2 images, but the dataset has {len(images)}; "
+        raise InputError(f"train.validation_split: {fraction} needs at least 2 images, but the dataset has {len(images)}; "
                          "set validation_split: 0 or add images")
     count = min(len(images) - 1, max(1, round(fraction * len(images))))
     held_out = {name for name, _ in images[:count]}
@@ -118,52 +118,3 @@ def once_sample(example: LatentExample, index: int, seed: int) -> torch.Tensor:
     """AUTOMATIC1111's `once`: one sample per image for the whole run, drawn from a seed per image
     instead of being stored, so it is the same at every step and after a resume, at no memory cost."""
     return sample_latent(example, "random", torch.Generator().manual_seed(seed * 1_000_003 + index))
-
-
-class BatchOrder:
-    """Shuffled passes of batches, every batch from one latent size; each image `repeats` times a pass; resumable.
-
-    As kohya's buckets and AUTOMATIC1111's grouped sampler do: each pass shuffles the examples of
-    each size, cuts them into batches of `batch_size` (the last of a size may be smaller), and
-    shuffles the batches, so the order stays seeded while sizes never mix in one batch.
-    """
-
-    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, repeats: int, seed: int):
-        self.sizes, self.batch_size, self.repeats = list(sizes), batch_size, repeats
-        self.rng = random.Random(seed)
-        self.pending: list[list[int]] = []
-
-    def buckets(self) -> dict[tuple[int, int], list[int]]:
-        """Example indices by latent size, sizes in sorted order (the order is part of the seeded result)."""
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for index, size in enumerate(self.sizes):
-            by_size.setdefault(tuple(size), []).append(index)
-        return dict(sorted(by_size.items()))
-
-    def small_buckets(self) -> dict[tuple[int, int], int]:
-        """Sizes with fewer entries per pass than batch_size: their batches are smaller (kohya does the same)."""
-        return {size: len(indices) * self.repeats for size, indices in self.buckets().items()
-                if len(indices) * self.repeats < self.batch_size}
-
-    def next_batch(self) -> list[int]:
-        if not self.pending:
-            self.pending = self._new_pass()
-        return self.pending.pop()
-
-    def _new_pass(self) -> list[list[int]]:
-        batches = []
-        for indices in self.buckets().values():
-            entries = [i for i in indices for _ in range(self.repeats)]
-            self.rng.shuffle(entries)
-            batches += [entries[start:start + self.batch_size] for start in range(0, len(entries), self.batch_size)]
-        self.rng.shuffle(batches)
-        batches.reverse()  # popped from the end: the first batch of the pass is batches[0] of the shuffle
-        return batches
-
-    def state_dict(self) -> dict:
-        return {"pending": [list(batch) for batch in self.pending], "rng": self.rng.getstate()}
-
-    def load_state_dict(self, state: dict) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.pending = [list(batch) for batch in state["pending"]]
