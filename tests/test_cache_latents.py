@@ -229,4 +229,4 @@ def test_cli_prints_throughput_and_cache_hits_and_refuses_bad_settings(tmp_path,
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["python -m stages.cache_latents: error: --settings: cache_latents.dtype: 'fp8' is not allowed; choose one of: auto, fp32, fp16, bf16"]
     assert run_stage(main, build_parser(), ["--settings", '{"path": "my.safetensors"}', *paths]) == 1  # a bare model section
-    assert "found path; give an object with the keys model and cache_latents" in capsys.readouterr().err
+    assert "found path; give a JSON object with some of these config sections: out_dir, model, cache_latents" in capsys.readouterr().err

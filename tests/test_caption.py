@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from stages.caption.captions import caption_from_filename, combine_with_sidecar, first_method_with_text, write_captions
-from stages.caption.settings import CaptionSettings, FilenameRule, tagger_inputs
+from stages.caption.settings import CaptionSettings, FilenameRule
+from stages.common.workflow import tagger_inputs
 from stages.common.config import ConfigError
 
 
@@ -90,11 +91,11 @@ def test_tagger_files_are_workflow_inputs_only_when_used(tmp_path):
 
 
 def test_stage_cli_with_settings_as_snakemake_passes_them(demo_prepared, tmp_path):
-    settings = json.dumps({"method": ["existing", "filename"]})
+    settings = json.dumps({"caption": {"method": ["existing", "filename"]}})
     result = subprocess.run([sys.executable, "-m", "stages.caption", "--settings", settings, "--preprocessed", str(demo_prepared / "preprocess"),
                              "--out", str(tmp_path / "caption")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "8 captions written" in result.stdout and "8 existing" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "stages.caption", "--settings", json.dumps({"method": "tagger"}), "--preprocessed",
+    bad = subprocess.run([sys.executable, "-m", "stages.caption", "--settings", json.dumps({"caption": {"method": "tagger"}}), "--preprocessed",
                           str(demo_prepared / "preprocess"), "--out", str(tmp_path / "c2")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "caption.tagger.model: not set" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

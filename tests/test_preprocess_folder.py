@@ -1,4 +1,5 @@
 """preprocess over whole folders: bad inputs, duplicates, captions, splits, buckets, the cache and the CLI."""
+import json
 import os
 import subprocess
 import sys
@@ -228,8 +229,8 @@ def test_cli_runs_in_parallel_and_prints_one_summary_line(tmp_path):
     picture(src / "a.png")
     picture(src / "b.jpg", seed=1)
     (src / "c.png").write_bytes(b"")
-    command = [sys.executable, "-m", "stages.preprocess", "--settings", '{"size": 64, "mode": "focal"}', "--images", str(src),
-               "--out", str(tmp_path / "out" / "preprocess"), "--threads", "2"]
+    settings = json.dumps({"out_dir": str(tmp_path / "out"), "preprocess": {"size": 64, "mode": "focal"}})
+    command = [sys.executable, "-m", "stages.preprocess", "--settings", settings, "--images", str(src), "--threads", "2"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "preprocess: 2 kept, 1 skipped, 0 duplicates, 0 near-duplicate pairs (3 processed, 0 from cache)" in result.stdout

@@ -9,7 +9,7 @@ from stages.common.embedding import read_embedding
 from stages.common.models import load_model
 from stages.common.latents import LatentExample, load_examples
 from stages.train.interrupt import TrainingInterrupted
-from stages.train.outputs import latest_snapshot
+from stages.common.layout import latest_snapshot
 from stages.train.settings import TrainSettings
 from stages.train.trainer import NonFiniteLoss, train_embedding
 

@@ -20,9 +20,9 @@ from stages.train.trainer import Trainer, train_embedding
 
 def _train_by_hand(demo_prepared, out, steps: int) -> dict:
     """python -m stages.train in a process of its own, as a user or Snakemake runs it."""
-    settings = {"model": {"path": "builtin:tiny-sd15", "family": "auto", "clip_skip": 1},
-                "run": {"init_text": "cat", "vectors": 2, "steps": steps, "save_every": 0, "learning_rate": 0.005, "seed": 3,
-                        "batch_size": 1}, "size": 64}
+    settings = {"model": {"path": "builtin:tiny-sd15", "family": "auto", "clip_skip": 1}, "preprocess": {"size": 64},
+                "train": {"init_text": "cat", "vectors": 2, "steps": steps, "save_every": 0, "learning_rate": 0.005, "seed": 3,
+                          "batch_size": 1}, "runs": {"demotok": {}}}
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # what the project sets itself is what is tested
     result = subprocess.run(
         [sys.executable, "-m", "stages.train", "--settings", json.dumps(settings), "--run", "demotok",

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from stages.cache_latents.settings import CacheSettings
-from stages.common.config import validate_config
-from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
+from stages.common.layout import StageDirs
+from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.workflow import STAGE_SECTIONS
 from stages.common.errors import InputError
 
 
@@ -29,37 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_settings(args: argparse.Namespace) -> tuple[dict, CacheSettings, dict]:
-    """(model section, cache settings, paths) from --settings JSON (Snakemake) or config.yaml (by hand)."""
-    if args.settings is not None:
-        try:
-            given = json.loads(args.settings)  # {"model": {...}, "cache_latents": {...}}
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--settings: not valid JSON ({exc})") from None
-        unknown = sorted(set(given) - {"model", "cache_latents"}) if isinstance(given, dict) else [type(given).__name__]
-        if unknown:
-            raise InputError(f"--settings: found {', '.join(unknown)}; give an object with the keys model and cache_latents, "
-                             'e.g. {"model": {"path": "builtin:tiny-sd15"}, "cache_latents": {"batch_size": 4}}')
-        config = validate_config({"model": given.get("model", {}), "cache_latents": given.get("cache_latents", {})}, source="--settings")
-        if not (args.preprocessed and args.out and args.store):
-            raise InputError("--settings needs --preprocessed, --out and --store too")
-        paths = {"preprocessed": args.preprocessed, "out": args.out, "store": args.store, "flip": bool(args.flip)}
-    else:
-        config = load_full_config(args)
-        root = Path(config["out_dir"])
-        paths = {
-            "preprocessed": args.preprocessed or root / "preprocess",
-            "out": args.out or root / "latents",
-            "store": args.store or root / "cache" / "latents",
-            "flip": config["preprocess"]["flip"] if args.flip is None else args.flip,
-        }
-    return config["model"], CacheSettings.from_section(config["cache_latents"]), paths
-
-
 def main(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise InputError(f"--threads: {args.threads} is not a number of threads; give 0 (torch's choice) or more")
-    model, settings, paths = _read_settings(args)
+    config = read_settings(args, STAGE_SECTIONS["cache_latents"])
+    dirs, model, settings = StageDirs(config["out_dir"]), config["model"], CacheSettings.from_section(config["cache_latents"])
+    paths = {"preprocessed": args.preprocessed or dirs.preprocess, "out": args.out or dirs.latents, "store": args.store or dirs.latent_store,
+             "flip": config["preprocess"]["flip"] if args.flip is None else args.flip}
     import torch  # heavy imports after argument errors are reported
 
     from stages.cache_latents.encode import cache_latents

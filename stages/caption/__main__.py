@@ -9,8 +9,9 @@ from tqdm import tqdm
 
 from stages.caption.captions import write_captions
 from stages.caption.settings import CaptionSettings
-from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage, section_from_json
-from stages.common.errors import InputError
+from stages.common.layout import StageDirs
+from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.workflow import STAGE_SECTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,19 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.settings is not None:
-        section = section_from_json("caption", args.settings)
-        if not (args.preprocessed and args.out):
-            raise InputError("--settings needs --preprocessed and --out too")
-        preprocessed, out, store = args.preprocessed, args.out, args.store
-    else:
-        config = load_full_config(args)
-        section = config["caption"]
-        root = Path(config["out_dir"])
-        preprocessed = args.preprocessed or root / "preprocess"
-        out = args.out or root / "caption"
-        store = args.store or root / "cache" / "tagger"
-    settings = CaptionSettings.from_section(section, source="--settings" if args.settings is not None else "config.yaml")
+    config = read_settings(args, STAGE_SECTIONS["caption"])
+    dirs = StageDirs(config["out_dir"])
+    preprocessed, out, store = args.preprocessed or dirs.preprocess, args.out or dirs.caption, args.store or dirs.tagger_store
+    settings = CaptionSettings.from_section(config["caption"], source="--settings" if args.settings is not None else "config.yaml")
     summary = write_captions(preprocessed, out, settings, store, args.threads,
                              progress=lambda batches: tqdm(batches, desc="caption: tagger", unit="batch"))
     table = summary.table

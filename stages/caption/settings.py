@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common.config import ConfigError, validate_config
-from stages.common.errors import MissingInput
+from stages.common.workflow import tagger_files
 
 METHODS = ("existing", "filename", "tagger", "none")
 EXISTING_ACTIONS = ("ignore", "copy", "prepend", "append")
@@ -58,13 +58,7 @@ class TaggerSettings:
 
     def require_files(self) -> tuple[Path, Path]:
         """The model and tags paths, or a clear error when either is missing."""
-        if self.model is None:
-            raise ConfigError("caption.tagger.model: not set; give the path of the tagger's model.onnx (e.g. from SmilingWolf/wd-v1-4-convnext-tagger-v2) or drop tagger from caption.method")
-        if not self.model.is_file():
-            raise MissingInput(f"caption.tagger.model: {self.model} does not exist; give the path of a WD14-style tagger's model.onnx")
-        if self.tags is None or not self.tags.is_file():
-            raise MissingInput(f"caption.tagger.tags: {self.tags} does not exist; give the selected_tags.csv that came with {self.model.name}")
-        return self.model, self.tags
+        return tagger_files(self.model, self.tags)
 
 
 @dataclass(frozen=True)
@@ -99,10 +93,3 @@ class CaptionSettings:
             tagger=TaggerSettings.from_section(section["tagger"]),
         )
 
-
-def tagger_inputs(section: dict) -> list[str]:
-    """The tagger's model and tags files when the caption methods use it (Snakemake inputs, so replacing them re-captions)."""
-    settings = CaptionSettings.from_section(section, source="config.yaml")
-    if not settings.uses_tagger:
-        return []
-    return [str(path) for path in settings.tagger.require_files()]

@@ -16,23 +16,26 @@ from stages.common.console import routed_output
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, default=None, help="read settings and paths from this config.yaml (default when nothing else is given: ./config.yaml)")
-    source.add_argument("--settings", default=None, help="this stage's config section as JSON (what Snakemake passes)")
+    source.add_argument("--settings", default=None,
+                        help='the config sections this stage reads, as one JSON object (what Snakemake passes), e.g. \'{"out_dir": "out", "caption": {"method": "filename"}}\'')
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--log", type=Path, default=None,
                         help="also append everything the stage prints to this file, as plain lines (what Snakemake passes)")
 
 
-def load_full_config(args: argparse.Namespace) -> dict:
-    return load_config(args.config or Path("config.yaml"))
-
-
-def section_from_json(section: str, text: str) -> dict:
-    """Validate a section given as JSON exactly as it would be inside config.yaml."""
+def read_settings(args: argparse.Namespace, sections: tuple[str, ...]) -> dict:
+    """The whole config, schema-checked with its defaults: from --settings (a JSON object of at most `sections`,
+    as Snakemake passes them) or from config.yaml (by hand). Every stage reads its settings through here."""
+    if args.settings is None:
+        return load_config(args.config or Path("config.yaml"))
     try:
-        data = json.loads(text)
+        given = json.loads(args.settings)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--settings: not valid JSON ({exc})") from None
-    return validate_config({section: data}, source="--settings")[section]
+    if not isinstance(given, dict) or set(given) - set(sections):
+        found = ", ".join(sorted(given)) if isinstance(given, dict) else type(given).__name__
+        raise ConfigError(f"--settings: found {found}; give a JSON object with some of these config sections: {', '.join(sections)}")
+    return validate_config(given, source="--settings")
 
 
 def run_stage(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

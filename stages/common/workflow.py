@@ -4,8 +4,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.common.config import run_settings
+from stages.common.config import ConfigError, run_settings
+from stages.common.errors import MissingInput
 from stages.common.paths import BUILTIN_PREFIX, DEMO_DATASET
+
+# The config sections each stage reads (stage_cli.read_settings checks --settings against these).
+STAGE_SECTIONS = {
+    "preprocess": ("out_dir", "dataset", "preprocess"),
+    "caption": ("out_dir", "caption"),
+    "cache_latents": ("out_dir", "model", "cache_latents", "preprocess"),
+    "train": ("out_dir", "model", "train", "runs", "preprocess"),
+    "evaluate": ("out_dir", "model", "evaluate", "runs", "preprocess"),
+    "overview": ("out_dir", "runs"),
+}
 from stages.common.errors import MissingInput
 
 
@@ -42,15 +53,46 @@ def train_inputs(config: dict, run: str) -> list[str]:
     return [start] if start else []
 
 
-def train_params(config: dict, run: str) -> str:
-    run_section = {k: v for k, v in run_settings(config, run).items() if k != "name"}
-    return to_json({"model": config["model"], "run": run_section, "size": config["preprocess"]["size"]})
-
-
 EVALUATE_RUN_KEYS = ("token", "template", "validation_split", "init_text", "init_from")  # the run settings evaluate reads
 
 
-def evaluate_params(config: dict, run: str) -> str:
-    # only the run keys evaluate uses (prompts, held-out images, starting vectors): other train edits don't rerun it
-    run_section = {k: v for k, v in run_settings(config, run).items() if k in EVALUATE_RUN_KEYS}
-    return to_json({"model": config["model"], "evaluate": config["evaluate"], "size": config["preprocess"]["size"], "run": run_section})
+def stage_settings(config: dict, stage: str, run: str | None = None) -> str:
+    """A stage's --settings: the config sections it reads, as stable JSON, and no more, so that an edit
+    reruns only the stages it concerns (Snakemake compares these params between runs)."""
+    given = {
+        "out_dir": config["out_dir"], "dataset": config["dataset"], "preprocess": config["preprocess"],
+        "caption": config["caption"], "model": config["model"], "cache_latents": config["cache_latents"],
+        "evaluate": config["evaluate"],
+    }
+    if stage == "cache_latents":
+        given["preprocess"] = {"flip": config["preprocess"]["flip"]}
+    if stage in ("train", "evaluate"):
+        given["preprocess"] = {"size": config["preprocess"]["size"]}
+        merged = {k: v for k, v in run_settings(config, run).items() if k != "name"}
+        if stage == "evaluate":  # only what evaluate uses (prompts, held-out images, starting vectors)
+            merged = {k: v for k, v in merged.items() if k in EVALUATE_RUN_KEYS}
+        given["runs"], given["train"] = {run: merged}, {}
+    return to_json({section: given[section] for section in STAGE_SECTIONS[stage] if section in given})
+
+
+def tagger_files(model: Path | None, tags: Path | None) -> tuple[Path, Path]:
+    """The tagger's model.onnx and selected_tags.csv, or a clear error naming the key when either is missing."""
+    if model is None:
+        raise ConfigError("caption.tagger.model: not set; give the path of the tagger's model.onnx (e.g. from "
+                          "SmilingWolf/wd-v1-4-convnext-tagger-v2) or drop tagger from caption.method")
+    if not model.is_file():
+        raise MissingInput(f"caption.tagger.model: {model} does not exist; give the path of a WD14-style tagger's model.onnx")
+    if tags is None or not tags.is_file():
+        raise MissingInput(f"caption.tagger.tags: {tags} does not exist; give the selected_tags.csv that came with {model.name}")
+    return model, tags
+
+
+def tagger_inputs(caption: dict) -> list[str]:
+    """The tagger's files when caption.method uses it: Snakemake inputs, so replacing either re-captions."""
+    methods = [caption["method"]] if isinstance(caption["method"], str) else list(caption["method"])
+    if "tagger" not in methods:
+        return []
+    tagger = caption.get("tagger", {})  # a section as written: the schema leaves model and tags empty when unset
+    model = Path(tagger["model"]) if tagger.get("model") else None
+    tags = Path(tagger["tags"]) if tagger.get("tags") else (model.with_name("selected_tags.csv") if model else None)
+    return [str(path) for path in tagger_files(model, tags)]

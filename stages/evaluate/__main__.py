@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.common.config import run_settings, validate_config
-from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
+from stages.common.config import run_settings
+from stages.common.layout import StageDirs, frame_size
+from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.workflow import STAGE_SECTIONS
 from stages.common.text import plural
-from stages.common.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,31 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _size(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def main(args: argparse.Namespace) -> int:
     if args.overview:
         return overview(args)
     from stages.evaluate.report import RunToEvaluate
 
-    if args.settings is not None:
-        # Snakemake passes {"evaluate": ..., "model": ..., "size": ..., "run": {the run's EVALUATE_RUN_KEYS}}
-        given = json.loads(args.settings)
-        config = validate_config({k: given[k] for k in ("evaluate", "model") if k in given}, source="--settings")
-        missing = [flag for flag, value in (("--train-dir", args.train_dir), ("--latents", args.latents),
-                                            ("--captions", args.captions), ("--out", args.out)) if value is None]
-        if missing:
-            raise InputError(f"--settings needs {', '.join(missing)} too")
-        size, out = _size(given.get("size", 512)), args.out
-        run = RunToEvaluate.from_run_settings(args.run, given.get("run", {}), args.train_dir, args.latents, args.captions)
-    else:
-        config = load_full_config(args)
-        root = Path(config["out_dir"])
-        size, out = _size(config["preprocess"]["size"]), args.out or root / "evaluate" / args.run
-        run = RunToEvaluate.from_run_settings(args.run, run_settings(config, args.run), args.train_dir or root / "train" / args.run,
-                                              args.latents or root / "latents", args.captions or root / "caption")
+    config = read_settings(args, STAGE_SECTIONS["evaluate"])
+    dirs = StageDirs(config["out_dir"])
+    size, out = frame_size(config["preprocess"]["size"]), args.out or dirs.evaluate(args.run)
+    run = RunToEvaluate.from_run_settings(args.run, run_settings(config, args.run), args.train_dir or dirs.train(args.run),
+                                          args.latents or dirs.latents, args.captions or dirs.caption)
     from stages.common.models import load_model
     from stages.evaluate.report import evaluate_run
 
@@ -75,11 +60,9 @@ def main(args: argparse.Namespace) -> int:
 def overview(args: argparse.Namespace) -> int:
     from stages.evaluate.overview import write_overview
 
-    if args.runs and args.out:
-        runs, folder = args.runs, args.out
-    else:
-        config = load_full_config(args)
-        runs, folder = args.runs or list(config["runs"]), args.out or Path(config["out_dir"]) / "evaluate"
+    config = None if args.runs and args.out else read_settings(args, STAGE_SECTIONS["overview"])
+    runs = args.runs or list(config["runs"])
+    folder = args.out or StageDirs(config["out_dir"]).evaluate_root
     print(f"evaluate: {plural(len(runs), 'run')} compared in {write_overview(folder, runs)}")
     return 0
 

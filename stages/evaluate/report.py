@@ -20,13 +20,13 @@ from pathlib import Path
 import pandas as pd
 
 from stages.common.embedding import save_embedding_files
+from stages.common.layout import latest_snapshot
 from stages.common.files import atomic_path, write_csv_atomic, write_text_atomic
 from stages.common.models import ModelBundle
 from stages.common.sampling import build_pipeline
 from stages.evaluate.charts import step_chart
 from stages.evaluate.grid import compose_grid, render_samples, spread_steps
 from stages.evaluate.html import write_report
-from stages.train.outputs import latest_snapshot
 from stages.evaluate.validation import (
     CheckpointModel,
     best_step,

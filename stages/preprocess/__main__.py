@@ -8,7 +8,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage, section_from_json
+from stages.common.layout import StageDirs
+from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.workflow import STAGE_SECTIONS
 from stages.preprocess.prepare import PreprocessSettings, preprocess_folder, resolve_source
 from stages.common.errors import InputError
 
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(parser)
     parser.add_argument("--images", help="source folder or builtin:demo (default: dataset.images of the config)")
     parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/preprocess)")
-    parser.add_argument("--cache", type=Path, help="per-image cache that survives reruns (default: {out}/../cache/preprocess)")
+    parser.add_argument("--cache", type=Path, help="per-image cache that survives reruns (default: {out_dir}/cache/preprocess)")
     parser.add_argument("--threads", type=int, default=_usable_cores(), help="worker processes (default: every core this process may use)")
     return parser
 
@@ -35,20 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise InputError(f"--threads: {args.threads} is not a number of worker processes; give 1 or more")
-    if args.settings is not None:
-        section = section_from_json("preprocess", args.settings)
-        if not (args.images and args.out):
-            raise InputError("--settings needs --images and --out too")
-        images, out = args.images, args.out
-    else:
-        config = load_full_config(args)
-        section = config["preprocess"]
-        images = args.images or config["dataset"]["images"]
-        out = args.out or Path(config["out_dir"]) / "preprocess"
+    config = read_settings(args, STAGE_SECTIONS["preprocess"])
+    section, dirs = config["preprocess"], StageDirs(config["out_dir"])
+    images, out = args.images or config["dataset"]["images"], args.out or dirs.preprocess
     settings = PreprocessSettings.from_section(section)
     source = resolve_source(images, out.parent)
     summary = preprocess_folder(
-        source, out, settings, cache_dir=args.cache, workers=args.threads,
+        source, out, settings, cache_dir=args.cache or dirs.preprocess_cache, workers=args.threads,
         progress=lambda items, total: tqdm(items, total=total, desc="preprocess", unit="img"),
     )
     print(f"preprocess: {summary.line()}; see {out / 'skipped.csv'}")

@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from stages.common.config import run_settings, validate_config
+from stages.common.config import run_settings
 from stages.common.families import clip_skip_warning
-from stages.common.stage_cli import add_settings_arguments, load_full_config, run_stage
-from stages.common.errors import InputError
+from stages.common.layout import StageDirs, frame_size
+from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.workflow import STAGE_SECTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,32 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings_from_args(args: argparse.Namespace) -> tuple[dict, dict, dict]:
-    """(run settings, model section, paths) from --settings JSON (Snakemake) or config.yaml (by hand)."""
-    if args.settings is not None:
-        section = json.loads(args.settings)  # {"model": ..., "run": train.* merged with runs.<run>, "size": ...}
-        config = validate_config({"model": section.get("model", {}), "train": section.get("run", {})}, source="--settings")
-        settings = dict(config["train"], name=args.run)
-        settings.setdefault("token", args.run)
-        if not (args.latents and args.captions and args.out and args.state_dir):
-            raise InputError("--settings needs --latents, --captions, --out and --state-dir too")
-        size = section.get("size", 512)
-        paths = {"latents": args.latents, "captions": args.captions, "out": args.out, "state": args.state_dir}
-        return settings, config["model"], dict(paths, size=size)
-    config = load_full_config(args)
-    root = Path(config["out_dir"])
-    paths = {
-        "latents": args.latents or root / "latents",
-        "captions": args.captions or root / "caption",
-        "out": args.out or root / "train" / args.run,
-        "state": args.state_dir or root / "cache" / "train" / args.run,
-        "size": config["preprocess"]["size"],
-    }
-    return run_settings(config, args.run), config["model"], paths
-
-
 def main(args: argparse.Namespace) -> int:
-    settings, model_section, paths = _settings_from_args(args)
+    config = read_settings(args, STAGE_SECTIONS["train"])
+    settings, model_section, dirs = run_settings(config, args.run), config["model"], StageDirs(config["out_dir"])
+    paths = {"latents": args.latents or dirs.latents, "captions": args.captions or dirs.caption,
+             "out": args.out or dirs.train(args.run), "state": args.state_dir or dirs.train_state(args.run)}
     from stages.common.models import load_model
     from stages.common.latents import load_examples, split_validation
     from stages.train.interrupt import TrainingInterrupted
@@ -78,8 +57,8 @@ def main(args: argparse.Namespace) -> int:
               f"(validation_split {train_settings.validation_split}): {', '.join(sorted({e.image for e in held_out}))}")
     start_vectors, start_step = starting_point(bundle, train_settings.init_text, train_settings.init_from, train_settings.vectors)
     state_dir = paths["state"] / resume_key(settings, bundle.identity, bundle.family.name, model_section["clip_skip"], paths["latents"] / "manifest.csv", paths["captions"] / "captions.csv")
-    size = paths["size"] if isinstance(paths["size"], list) else [paths["size"]] * 2
-    previewer = make_previewer(bundle, train_settings.preview, train_settings.token, tuple(size), RunOutputs(paths["out"], args.run)) \
+    previewer = make_previewer(bundle, train_settings.preview, train_settings.token, frame_size(config["preprocess"]["size"]),
+                               RunOutputs(paths["out"], args.run)) \
         if train_settings.preview_every else None
     reporter = ProgressReporter(f"train {args.run}",
                                 paths["out"] / "tensorboard" if train_settings.tensorboard else None)

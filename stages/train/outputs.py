@@ -16,6 +16,7 @@ import pandas as pd
 
 from stages.common.embedding import Embedding, save_embedding_files
 from stages.common.files import write_csv_atomic
+from stages.common.layout import latest_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,3 @@ class RunOutputs:
     def preview_path(self, step: int) -> Path:
         return self.folder / "previews" / f"{self.name}-{step}.png"
 
-
-def latest_snapshot(folder: Path, name: str) -> Path | None:
-    """The highest-step {name}-{step}.safetensors in `folder` (an earlier training's final embedding), if any."""
-    steps = {}
-    for path in folder.glob(f"{name}-*.safetensors"):
-        tail = path.stem[len(name) + 1:]
-        if tail.isdigit():
-            steps[int(tail)] = path
-    return steps[max(steps)] if steps else None
