@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.caption.prompt_report import build_prompt_report, format_prompt_report, prompts_command
+from stages.tools.prompt_report import build_prompt_report, format_prompt_report, prompts_command
 from stages.common.config import load_config
 from stages.common.tokens import TokenError
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from stages.common.builtin import BUILTIN_MODELS, build_builtin_components
 from stages.common.checkpoint_layout import CheckpointError, detect_family, load_original_checkpoint, read_checkpoint_state_dict
-from stages.common.checkpoint_write import clip_to_original, save_original_checkpoint, unet_to_original, vae_to_original
+from stages.tools.checkpoint_write import clip_to_original, save_original_checkpoint, unet_to_original, vae_to_original
 
 PARTS = ("unet", "vae", "text_encoder")
 

@@ -46,7 +46,7 @@ def test_a_refused_input_gives_one_line_and_a_failing_status(tmp_path):
 @pytest.mark.parametrize("name, family, prediction", [("tiny-sd15", "sd1", "epsilon"), ("tiny-sd2-v", "sd2-v", "v_prediction")])
 def test_export_model_writes_loadable_folder_and_single_file(name, family, prediction, tmp_path):
     tiflow = Path(sys.executable).with_name("tiflow")
-    command = [str(tiflow)] if tiflow.exists() else [sys.executable, "-m", "stages.cli"]
+    command = [str(tiflow)] if tiflow.exists() else [sys.executable, "-m", "stages.tools.cli"]
     result = subprocess.run([*command, "export-model", f"builtin:{name}", str(tmp_path / "tiny"), "--single-file", str(tmp_path / "tiny.safetensors")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -65,5 +65,5 @@ def test_export_model_writes_loadable_folder_and_single_file(name, family, predi
 
 
 def test_export_model_refuses_an_unknown_builtin(tmp_path):
-    result = run("-m", "stages.cli", "export-model", "builtin:nope", str(tmp_path / "x"), cwd=tmp_path)
+    result = run("-m", "stages.tools.cli", "export-model", "builtin:nope", str(tmp_path / "x"), cwd=tmp_path)
     assert result.returncode == 1 and "unknown builtin model 'nope'" in result.stderr

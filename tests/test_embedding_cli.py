@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stages.cli import main
-from stages.common.embedding import Embedding, save_a1111_pt, save_safetensors
-from stages.common.embedding_read import open_embedding_file, read_embedding
+from stages.tools.cli import main
+from stages.common.embedding.core import Embedding, save_a1111_pt, save_safetensors
+from stages.common.embedding.read import open_embedding_file, read_embedding
 
 
 def sd_embedding(width: int = 768) -> Embedding:

@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from stages.common.builtin import build_builtin_components
 from stages.common.clip_vocab import VOCAB_SIZE, build_clip_tokenizer
-from stages.common.embedding import Embedding, save_a1111_pt, save_diffusers, save_safetensors
+from stages.common.embedding.core import Embedding, save_a1111_pt, save_diffusers, save_safetensors
 from stages.common.tokens import add_placeholder_tokens, encode_prompt_ids, expand_trigger, install_trainable_embedding, tokenize_prompts
 
 TRIGGER = "mytok"

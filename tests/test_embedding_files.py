@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.common.embedding import Embedding, save_a1111_pt, save_diffusers, save_embedding_files
-from stages.common.embedding_convert import EMBEDDING_WRITERS, write_embedding
-from stages.common.embedding_png import TEXT_CHUNK_KEY, lcg_sequence, read_image_payload
-from stages.common.embedding_read import open_embedding_file, read_embedding
+from stages.common.embedding.core import Embedding, save_a1111_pt, save_diffusers, save_embedding_files
+from stages.tools.embedding_convert import EMBEDDING_WRITERS, write_embedding
+from stages.common.embedding.png import TEXT_CHUNK_KEY, lcg_sequence, read_image_payload
+from stages.common.embedding.read import open_embedding_file, read_embedding
 from stages.common.families import get_family
 
 
@@ -73,7 +73,7 @@ def test_diffusers_learned_embeds_round_trip(tmp_path, kind, suffix):
 
 
 def test_every_writer_format_is_offered_by_the_cli():
-    from stages.cli import EMBEDDING_FORMATS
+    from stages.tools.cli import EMBEDDING_FORMATS
 
     assert set(EMBEDDING_FORMATS) == set(EMBEDDING_WRITERS)
 
@@ -100,7 +100,7 @@ def test_png_pixel_layout_matches_automatic1111(tmp_path):
     assert lcg_sequence(10).tolist() == [253, 242, 127, 44, 157, 27, 239, 133, 38, 79]
     embedding = make_embedding("sd1")
     card = Image.new("RGB", (64, 64), (90, 120, 150))
-    from stages.common.embedding_png import save_png_embedding
+    from stages.common.embedding.png import save_png_embedding
 
     path = save_png_embedding(embedding, tmp_path / "e.png", image=card)[0]
     pixels = np.asarray(Image.open(path).convert("RGB"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stages.common.embedding import Embedding, EmbeddingError, check_embedding_fits, save_a1111_pt, save_safetensors
-from stages.common.embedding_read import read_embedding, read_embedding_for_model
+from stages.common.embedding.core import Embedding, EmbeddingError, check_embedding_fits, save_a1111_pt, save_safetensors
+from stages.common.embedding.read import read_embedding, read_embedding_for_model
 from stages.common.families import get_family
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.common.embedding import Embedding, EmbeddingError, read_embedding, save_embedding_files
+from stages.common.embedding.read import read_embedding
+from stages.common.embedding.core import Embedding, EmbeddingError, save_embedding_files
 from stages.common.config import validate_config
 from stages.common.models import load_model
 from stages.evaluate.grid import spread_steps

@@ -64,7 +64,7 @@ def test_home_folder_paths_expand(tmp_path, monkeypatch):
 def test_an_init_from_past_steps_or_of_another_size_is_refused(tmp_path):
     import torch
 
-    from stages.common.embedding import Embedding, save_embedding_files
+    from stages.common.embedding.core import Embedding, save_embedding_files
 
     save_embedding_files(Embedding("start", {"emb_params": torch.zeros(2, 768)}, step=500), tmp_path, "start")
     config = {"runs": {"zzqtok": {"init_from": str(tmp_path / "start.safetensors"), "vectors": 2, "steps": 400}}}

@@ -111,7 +111,7 @@ def test_previews_are_rendered_every_n_steps(demo_prepared, tmp_path):
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["demotok-2.png", "demotok-4.png"]
     first, second = (Image.open(tmp_path / "previews" / name) for name in ("demotok-2.png", "demotok-4.png"))
     assert first.size[1] >= 64 and list(first.getdata()) != list(second.getdata())  # the vectors changed in between
-    from stages.common.embedding_read import read_embedding
+    from stages.common.embedding.read import read_embedding
 
     carried = read_embedding(tmp_path / "previews" / "demotok-2.png")  # AUTOMATIC1111's embedding-in-PNG
     assert carried.step == 2 and carried.vectors["emb_params"].shape == (1, 32)

@@ -5,7 +5,7 @@ import signal
 import pytest
 import torch
 
-from stages.common.embedding import read_embedding
+from stages.common.embedding.read import read_embedding
 from stages.common.models import load_model
 from stages.common.latents import LatentExample, load_examples
 from stages.train.interrupt import TrainingInterrupted

@@ -64,7 +64,7 @@ def check_runs(config: dict) -> None:
 
 
 def _check_init_from(config: dict, run: str, settings: dict) -> None:
-    from stages.common.embedding_read import read_embedding
+    from stages.common.embedding.read import read_embedding
 
     key, path = _key(config, run, "init_from"), settings["init_from"]
     if not Path(path).is_file():

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stages.common.embedding import Embedding
+from stages.common.embedding.core import Embedding
 from stages.common.errors import InputError
-from stages.common.embedding_read import read_embedding_for_model
+from stages.common.embedding.read import read_embedding_for_model
 from stages.common.latents import LatentExample
 from stages.common.models import ModelBundle
 from stages.common.prompts import build_prompt

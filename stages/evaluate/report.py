@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common.embedding import save_embedding_files
+from stages.common.embedding.core import save_embedding_files
 from stages.common.layout import latest_snapshot
 from stages.common.files import atomic_path, write_csv_atomic, write_text_atomic
 from stages.common.models import ModelBundle

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from stages.common.embedding import Embedding, EmbeddingError
-from stages.common.embedding_read import read_embedding_for_model
+from stages.common.embedding.core import Embedding, EmbeddingError
+from stages.common.embedding.read import read_embedding_for_model
 from stages.common.errors import InputError, MissingInput
 from stages.common.latents import LatentExample
 from stages.common.models import ModelBundle

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common.embedding import Embedding, save_embedding_files
+from stages.common.embedding.core import Embedding, save_embedding_files
 from stages.common.files import write_csv_atomic
 from stages.common.layout import latest_snapshot
 

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from stages.common.embedding_png import save_png_embedding
+from stages.common.embedding.png import save_png_embedding
 from stages.common.models import ModelBundle
 from stages.common.sampling import build_pipeline, sample_image
 from stages.train.outputs import RunOutputs

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from stages.common.embedding import Embedding
+from stages.common.embedding.core import Embedding
 from stages.common.latents import LatentExample, once_sample, sample_latent
 from stages.common.models import ModelBundle
 from stages.common.prompts import augment_caption, build_prompt, load_template

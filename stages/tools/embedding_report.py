@@ -1,8 +1,8 @@
 """What an embedding file holds, in lines a person reads (`tiflow inspect`)."""
 from __future__ import annotations
 
-from stages.common.embedding import describe_widths_origin
-from stages.common.embedding_read import EmbeddingFile
+from stages.common.embedding.core import describe_widths_origin
+from stages.common.embedding.read import EmbeddingFile
 
 
 def describe_embedding_file(file: EmbeddingFile) -> list[str]:

@@ -189,13 +189,6 @@ def save_diffusers(embedding: Embedding, path: Path) -> list[Path]:
     return paths
 
 
-def read_embedding(path: Path) -> Embedding:
-    """Read any embedding file tiflow knows, by content and without running its code (see embedding_read)."""
-    from stages.common.embedding_read import read_embedding as read  # embedding_read builds on this module
-
-    return read(path)
-
-
 def save_embedding_files(embedding: Embedding, folder: Path, stem: str) -> list[Path]:
     """Write every format for one embedding into `folder`; return the paths written."""
     return save_safetensors(embedding, folder / f"{stem}.safetensors") + save_a1111_pt(embedding, folder / f"{stem}.pt")

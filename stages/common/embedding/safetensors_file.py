@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from stages.common.embedding import EmbeddingError
+from stages.common.embedding.core import EmbeddingError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 MAX_EMBEDDING_TENSORS = 16  # an embedding holds one or two; more means a model, a LoRA or another kind of file

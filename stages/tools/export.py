@@ -50,7 +50,7 @@ def export_builtin(name_or_path: str, folder: Path | None = None, single_file: P
     if folder is not None:
         written.append(export_diffusers_folder(components, folder))
     if single_file is not None:
-        from stages.common.checkpoint_write import save_original_checkpoint
+        from stages.tools.checkpoint_write import save_original_checkpoint
 
         if single_file.suffix != ".safetensors":
             raise InputError(f"--single-file {single_file}: write a .safetensors file (pickled .ckpt files are not written)")

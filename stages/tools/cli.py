@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _export_model(args: argparse.Namespace) -> int:
-    from stages.common.export import export_builtin
+    from stages.tools.export import export_builtin
 
     for path in export_builtin(args.model, args.folder, args.single_file, args.half):
         print(f"wrote {path}")
@@ -16,9 +16,9 @@ def _export_model(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from stages.common.embedding import check_embedding_fits
-    from stages.common.embedding_read import open_embedding_file
-    from stages.common.embedding_report import describe_embedding_file
+    from stages.common.embedding.core import check_embedding_fits
+    from stages.common.embedding.read import open_embedding_file
+    from stages.tools.embedding_report import describe_embedding_file
 
     file = open_embedding_file(args.file)
     lines = describe_embedding_file(file)
@@ -33,7 +33,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from stages.common.embedding_convert import convert_embedding
+    from stages.tools.embedding_convert import convert_embedding
 
     for path in convert_embedding(args.file, args.to, args.output):
         print(f"wrote {path}")
@@ -41,7 +41,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _prompts(args: argparse.Namespace) -> int:
-    from stages.caption.prompt_report import prompts_command
+    from stages.tools.prompt_report import prompts_command
 
     return prompts_command(args.config, args.run)
 

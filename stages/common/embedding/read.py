@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from stages.common.embedding import SDXL_KEYS, Embedding, EmbeddingError, check_embedding, check_embedding_fits
-from stages.common.embedding_png import read_image_payload
-from stages.common.embedding_safetensors import load_safetensors_embedding
+from stages.common.embedding.core import SDXL_KEYS, Embedding, EmbeddingError, check_embedding, check_embedding_fits
+from stages.common.embedding.png import read_image_payload
+from stages.common.embedding.safetensors_file import load_safetensors_embedding
 from stages.common.families import Family
 from stages.common.errors import MissingInput
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from stages.common.embedding import Embedding, save_a1111_pt, save_diffusers, save_safetensors
-from stages.common.embedding_png import save_png_embedding
-from stages.common.embedding_read import read_embedding
+from stages.common.embedding.core import Embedding, save_a1111_pt, save_diffusers, save_safetensors
+from stages.common.embedding.png import save_png_embedding
+from stages.common.embedding.read import read_embedding
 from stages.common.errors import InputError
 
 # format name → writer(embedding, path) → paths written

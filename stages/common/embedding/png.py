@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
-from stages.common.embedding import Embedding, EmbeddingError, a1111_payload
+from stages.common.embedding.core import Embedding, EmbeddingError, a1111_payload
 from stages.common.files import atomic_path
 
 TEXT_CHUNK_KEY = "sd-ti-embedding"

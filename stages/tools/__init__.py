@@ -1,0 +1,1 @@
+"""What only the `tiflow` console script uses: export-model, inspect, convert and prompts."""
