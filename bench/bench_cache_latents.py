@@ -101,7 +101,7 @@ def throughput(vae, model: str, dtype: str, batch_size: int, args: argparse.Name
     images = work / "images512"
     if not (images / "manifest.csv").exists():
         make_images(images, args.images, args.size)
-    settings = CacheSettings(batch_size=batch_size, dtype=dtype, device=args.device)
+    settings = CacheSettings.from_schema(batch_size=batch_size, dtype=dtype, device=args.device)
     device = settings.resolve_device()
     batch = settings.resolve_batch_size(device)
     name = f"{model}_{dtype}_{batch}"
@@ -142,7 +142,7 @@ def memory_child(count: int, work: Path, threads: int) -> None:
             if done in marks:
                 seen[marks[done]] = rss_mib()
 
-    summary = cache_latents(images, work / "out", work / "store", vae, "tiny", settings=CacheSettings(device="cpu"), progress=progress)
+    summary = cache_latents(images, work / "out", work / "store", vae, "tiny", settings=CacheSettings.from_schema(device="cpu"), progress=progress)
     print(json.dumps({"count": count, "rss_before": before, **seen, "peak": peak_rss_mib(), "rate": summary.images_per_second}))
 
 

@@ -120,7 +120,7 @@ def make_images(folder: Path, count: int) -> Path:
     for i in range(count):  # smooth random pictures, so PNG decoding costs what a photo's does
         small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
         Image.fromarray(small).resize((512, 512), Image.BICUBIC).save(source / f"img_{i:03d}.png")
-    preprocess_folder(source, folder / "preprocess", PreprocessSettings(size=(512, 512)))
+    preprocess_folder(source, folder / "preprocess", PreprocessSettings.from_schema(size=(512, 512)))
     return folder / "preprocess"
 
 

@@ -94,7 +94,7 @@ def main() -> None:
         # CPU ms per image does not depend on what else the machine runs; images/s does
         print(f"{'mode':8} {'workers':>8} {'seconds':>8} {'images/s':>9} {'speedup':>8} {'CPU ms/img':>11}")
         for mode in args.modes:
-            settings = PreprocessSettings(size=(args.frame, args.frame), mode=mode)
+            settings = PreprocessSettings.from_schema(size=(args.frame, args.frame), mode=mode)
             base_s, base_cpu, _ = timed_run(source, scratch / mode, settings, 1, fresh=True)
             par_s, par_cpu, summary = timed_run(source, scratch / mode, settings, args.workers, fresh=True)
             assert summary.processed == args.count, summary

@@ -56,7 +56,7 @@ def run_stage(stage: str, work: Path, threads: int) -> dict:
     if stage == "preprocess":
         from stages.preprocess.prepare import PreprocessSettings, preprocess_folder
 
-        preprocess_folder(work / "photos", work / "preprocess", PreprocessSettings(size=(64, 64)), work / "cache" / "preprocess",
+        preprocess_folder(work / "photos", work / "preprocess", PreprocessSettings.from_schema(size=(64, 64)), work / "cache" / "preprocess",
                                     workers=threads)
         items = None
     elif stage == "caption":
@@ -71,7 +71,7 @@ def run_stage(stage: str, work: Path, threads: int) -> dict:
 
         bundle = load_model("builtin:tiny-sd15")
         summary = cache_latents(work / "preprocess", work / "latents", work / "cache" / "latents", bundle.vae, bundle.identity,
-                                settings=CacheSettings(device="cpu"))
+                                settings=CacheSettings.from_schema(device="cpu"))
         items = summary.encoded
     else:
         from stages.common.latents import load_examples

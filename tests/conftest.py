@@ -23,14 +23,15 @@ def tiny_bundle():
 def demo_prepared(tmp_path_factory) -> Path:
     """builtin:demo run through preprocess (64 px), caption and cache_latents; returns the out folder."""
     from stages.cache_latents.encode import cache_latents
+    from stages.cache_latents.settings import CacheSettings
     from stages.caption.captions import write_captions
     from stages.common.models import load_model
     from stages.preprocess.prepare import PreprocessSettings, preprocess_folder, resolve_source
 
     out = tmp_path_factory.mktemp("demo_out")
     source = resolve_source("builtin:demo", out)
-    preprocess_folder(source, out / "preprocess", PreprocessSettings(size=(64, 64)))
+    preprocess_folder(source, out / "preprocess", PreprocessSettings.from_schema(size=(64, 64)))
     write_captions(out / "preprocess", out / "caption", "existing")
     bundle = load_model("builtin:tiny-sd15")
-    cache_latents(out / "preprocess", out / "latents", out / "cache" / "latents", bundle.vae, bundle.identity)
+    cache_latents(out / "preprocess", out / "latents", out / "cache" / "latents", bundle.vae, bundle.identity, settings=CacheSettings.from_schema())
     return out

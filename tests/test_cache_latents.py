@@ -16,7 +16,7 @@ from stages.cache_latents.encoder import vae_fingerprint
 from stages.cache_latents.settings import CacheSettings
 from stages.common.stage_cli import run_stage
 
-CPU = CacheSettings(device="cpu")
+CPU = CacheSettings.from_schema(device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def direct(vae, path: Path, flip=False):
 
 def test_cached_latents_equal_a_direct_vae_encode(vae, tmp_path):
     pre = write_preprocessed(tmp_path / "pre", {f"{i}.png": (64, 64) for i in range(5)})
-    cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings(device="cpu", batch_size=2))
+    cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings.from_schema(device="cpu", batch_size=2))
     manifest = pd.read_csv(tmp_path / "lat" / "manifest.csv")
     assert list(manifest.image) == [f"{i}.png" for i in range(5)]
     for row in manifest.itertuples():
@@ -100,7 +100,7 @@ def test_adding_one_image_to_fifty_encodes_exactly_one(vae, tmp_path):
     counting = CountingVAE(vae, store)
     sizes = {f"img{i:02d}.png": (64, 64) for i in range(50)}
     pre = write_preprocessed(tmp_path / "pre", sizes)
-    first = cache_latents(pre, tmp_path / "lat", store, counting, "v", settings=CacheSettings(device="cpu", batch_size=8))
+    first = cache_latents(pre, tmp_path / "lat", store, counting, "v", settings=CacheSettings.from_schema(device="cpu", batch_size=8))
     assert (first.encoded, first.reused, sum(counting.batches)) == (50, 0, 50)
     assert max(counting.batches) == 8  # streamed in batches, never the whole set at once
     assert counting.entries_before == [8 * i for i in range(len(counting.batches))]  # each batch written before the next is read
@@ -127,7 +127,7 @@ def test_a_changed_image_or_size_recomputes_only_it_and_removed_images_leave_the
     assert manifest.iloc[1].latent_file.endswith("-64x128-fp32.safetensors")
     assert len(list(store.rglob("*.safetensors"))) == 5  # old entries stay for a switch back...
 
-    pruned = cache_latents(pre, tmp_path / "lat", store, vae, "v", settings=CacheSettings(device="cpu", prune=True))
+    pruned = cache_latents(pre, tmp_path / "lat", store, vae, "v", settings=CacheSettings.from_schema(device="cpu", prune=True))
     assert pruned.pruned_files == 3  # ...until prune deletes what the manifest does not use
     assert sorted(p.name for p in store.rglob("*.safetensors")) == sorted(Path(f).name for f in manifest.latent_file)
 
@@ -149,7 +149,7 @@ def test_switching_to_another_vae_recomputes_all_and_switching_back_reuses_all(v
 def test_dtype_is_part_of_the_key(vae, tmp_path):
     pre = write_preprocessed(tmp_path / "pre", {"a.png": (64, 64), "b.png": (64, 64)})
     fp32 = cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CPU)
-    bf16 = cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings(device="cpu", dtype="bf16"))
+    bf16 = cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings.from_schema(device="cpu", dtype="bf16"))
     assert (fp32.encoded, bf16.encoded, bf16.reused) == (2, 2, 0)
     row = pd.read_csv(tmp_path / "lat" / "manifest.csv").iloc[0]
     assert row.latent_file.endswith("-64x64-bf16.safetensors")
@@ -162,7 +162,7 @@ def test_buckets_encode_each_image_at_its_own_size_without_mixing_sizes(vae, tmp
     sizes = {"wide.png": (128, 64), "square.png": (64, 64), "tall.png": (64, 128), "square2.png": (64, 64), "wide2.png": (128, 64)}
     pre = write_preprocessed(tmp_path / "pre", sizes)
     counting = CountingVAE(vae)
-    cache_latents(pre, tmp_path / "lat", tmp_path / "store", counting, "v", settings=CacheSettings(device="cpu", batch_size=4))
+    cache_latents(pre, tmp_path / "lat", tmp_path / "store", counting, "v", settings=CacheSettings.from_schema(device="cpu", batch_size=4))
     assert sorted(counting.batches) == [1, 2, 2]  # one call per size
     for row in pd.read_csv(tmp_path / "lat" / "manifest.csv").itertuples():
         mean = load_file(str(tmp_path / "lat" / row.latent_file))["mean"]
@@ -174,7 +174,7 @@ def test_tiling_encodes_large_images_in_tiles_under_their_own_key(vae, tmp_path)
     tiled_vae = copy.deepcopy(vae)
     tiled_vae.tile_sample_min_size, tiled_vae.tile_latent_min_size = 32, 4  # make 64 px "large" for this VAE
     pre = write_preprocessed(tmp_path / "pre", {"big.png": (64, 64), "small.png": (32, 32)})
-    cache_latents(pre, tmp_path / "lat", tmp_path / "store", tiled_vae, "v", settings=CacheSettings(device="cpu", tiling=True))
+    cache_latents(pre, tmp_path / "lat", tmp_path / "store", tiled_vae, "v", settings=CacheSettings.from_schema(device="cpu", tiling=True))
     big, small = pd.read_csv(tmp_path / "lat" / "manifest.csv").latent_file
     assert big.endswith("-64x64-fp32-tiled.safetensors") and small.endswith("-32x32-fp32.safetensors")
     reference = copy.deepcopy(tiled_vae)

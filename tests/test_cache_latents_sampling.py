@@ -23,7 +23,7 @@ def cached_examples(folder) -> list[LatentExample]:
 @pytest.fixture
 def examples(vae, tmp_path):
     pre = write_preprocessed(tmp_path / "pre", {"a.png": (64, 64), "b.png": (64, 64)})
-    cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings(device="cpu"))
+    cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings.from_schema(device="cpu"))
     return pre, cached_examples(tmp_path / "lat")
 
 
@@ -88,7 +88,7 @@ def test_an_fp16_overflow_is_encoded_again_in_fp32_and_only_that_image(vae, tmp_
     write_bright(pre / "bright.png")
     overflowing = OverflowingVAE(vae)
     summary = cache_latents(pre, tmp_path / "lat", tmp_path / "store", overflowing, "v",
-                            settings=CacheSettings(device="cpu", dtype="fp16", batch_size=4))
+                            settings=CacheSettings.from_schema(device="cpu", dtype="fp16", batch_size=4))
     assert (summary.encoded, summary.retried_fp32) == (3, 1)
     assert overflowing.calls == [(torch.float16, 3), (torch.float32, 1)]  # only the overflowing image again
     for row in pd.read_csv(tmp_path / "lat" / "manifest.csv").itertuples():
@@ -103,18 +103,18 @@ def test_an_fp16_overflow_is_encoded_again_in_fp32_and_only_that_image(vae, tmp_
 
 def test_a_nan_that_survives_fp32_is_reported_by_name_and_never_cached(vae, tmp_path):
     pre = write_preprocessed(tmp_path / "pre", {"dark.png": (64, 64), "bright.png": (64, 64), "other.png": (64, 64)})
-    cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings(device="cpu", dtype="fp16"))
+    cache_latents(pre, tmp_path / "lat", tmp_path / "store", vae, "v", settings=CacheSettings.from_schema(device="cpu", dtype="fp16"))
     write_bright(pre / "bright.png")
     broken = OverflowingVAE(vae, always=True)
     with pytest.raises(NonFiniteLatentsError, match=r"NaN/inf latents for 1 image\(s\) even in fp32.*: bright\.png\."):
-        cache_latents(pre, tmp_path / "lat", tmp_path / "store", broken, "v", settings=CacheSettings(device="cpu", dtype="fp16"))
+        cache_latents(pre, tmp_path / "lat", tmp_path / "store", broken, "v", settings=CacheSettings.from_schema(device="cpu", dtype="fp16"))
     assert [dtype for dtype, _ in broken.calls] == [torch.float16, torch.float32]  # retried before giving up
     assert not (tmp_path / "lat" / "manifest.csv").exists()  # training cannot read a stale list
     assert all(torch.isfinite(load_file(str(p))["mean"]).all() for p in (tmp_path / "store").rglob("*.safetensors"))
     assert len(list((tmp_path / "store").rglob("*.safetensors"))) == 3  # the three earlier entries, nothing for the new bright.png
 
     Image.new("RGB", (64, 64), (20, 20, 20)).save(pre / "bright.png")  # the user replaces the image
-    fixed = cache_latents(pre, tmp_path / "lat", tmp_path / "store", broken, "v", settings=CacheSettings(device="cpu", dtype="fp16"))
+    fixed = cache_latents(pre, tmp_path / "lat", tmp_path / "store", broken, "v", settings=CacheSettings.from_schema(device="cpu", dtype="fp16"))
     assert (fixed.encoded, fixed.reused) == (1, 2)
     assert len(pd.read_csv(tmp_path / "lat" / "manifest.csv")) == 3
 

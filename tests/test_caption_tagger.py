@@ -72,7 +72,7 @@ def make_dataset(folder: Path, colours: dict[str, tuple[int, int, int]], sidecar
         image.save(source / name)
     for name, text in (sidecars or {}).items():
         (source / name).with_suffix(".txt").write_text(text, encoding="utf-8")
-    preprocess_folder(source, folder / "preprocess", PreprocessSettings(size=(64, 64)))
+    preprocess_folder(source, folder / "preprocess", PreprocessSettings.from_schema(size=(64, 64)))
     return folder / "preprocess"
 
 
@@ -201,7 +201,7 @@ def test_a_changed_threshold_recaptions_from_cached_scores(tmp_path, tagger, mon
     assert caption_of(again.table, "red") == "hero (series), red background, solo"
     monkeypatch.undo()
     Image.new("RGB", (64, 64), MID_RED).save(tmp_path / "data" / "source" / "added.png")
-    preprocess_folder(tmp_path / "data" / "source", tmp_path / "data" / "preprocess", PreprocessSettings(size=(64, 64)))
+    preprocess_folder(tmp_path / "data" / "source", tmp_path / "data" / "preprocess", PreprocessSettings.from_schema(size=(64, 64)))
     grown = write_captions(tmp_path / "data" / "preprocess", tmp_path / "out" / "caption", tagger_settings(tagger), tmp_path / "out" / "cache" / "tagger")
     assert (grown.tagged, grown.tags_reused) == (1, 2)  # only the new image goes through the model
 

@@ -125,7 +125,7 @@ def test_an_image_goes_to_the_bucket_of_nearest_aspect_ratio():
 def test_bucket_framing_keeps_the_middle_at_the_bucket_size():
     image = Image.new("RGB", (600, 300), BLUE)
     image.paste(RED, (50, 0, 550, 300))  # the blue ends fall outside the 320x192 bucket's crop
-    settings = PreprocessSettings(size=(256, 256), mode="bucket", bucket_min_side=128, bucket_max_side=512)
+    settings = PreprocessSettings.from_schema(size=(256, 256), mode="bucket", bucket_min_side=128, bucket_max_side=512)
     [(framed, box, bucket)], _ = frame_picture(image, 600, 300, settings)
     assert bucket == "320x192" and framed.size == (320, 192) and box == (50, 0, 550, 300)
     assert framed.getpixel((0, 96))[0] > 200 and framed.getpixel((319, 96))[0] > 200
@@ -270,16 +270,16 @@ def test_caption_encodings(tmp_path, encoding, text):
 
 def test_settings_refuse_inconsistent_combinations():
     with pytest.raises(ValueError, match="preprocess.split"):
-        PreprocessSettings(size=(512, 512), mode="bucket", split=True)
+        PreprocessSettings.from_schema(size=(512, 512), mode="bucket", split=True)
     with pytest.raises(ValueError, match="bucket_min_side"):
-        PreprocessSettings(size=(128, 128), mode="bucket")  # the 128 square bucket is below the 256 minimum
+        PreprocessSettings.from_schema(size=(128, 128), mode="bucket")  # the 128 square bucket is below the 256 minimum
     with pytest.raises(ValueError, match="preprocess.fill"):
-        PreprocessSettings.from_section({"size": 512, "mode": "pad", "fill": "not-a-colour"})
+        PreprocessSettings.from_schema(size=512, mode="pad", fill="not-a-colour")
 
 
 def test_cache_key_changes_only_with_what_shapes_the_images():
-    base = PreprocessSettings(size=(512, 512))
-    assert base.cache_key() == PreprocessSettings(size=(512, 512), flip=True, focal_face_weight=0.1).cache_key()
-    assert base.cache_key() != PreprocessSettings(size=(256, 256)).cache_key()
-    focal = PreprocessSettings(size=(512, 512), mode="focal")
-    assert focal.cache_key() != PreprocessSettings(size=(512, 512), mode="focal", focal_face_weight=0.1).cache_key()
+    base = PreprocessSettings.from_schema(size=(512, 512))
+    assert base.cache_key() == PreprocessSettings.from_schema(size=(512, 512), flip=True, focal_face_weight=0.1).cache_key()
+    assert base.cache_key() != PreprocessSettings.from_schema(size=(256, 256)).cache_key()
+    focal = PreprocessSettings.from_schema(size=(512, 512), mode="focal")
+    assert focal.cache_key() != PreprocessSettings.from_schema(size=(512, 512), mode="focal", focal_face_weight=0.1).cache_key()

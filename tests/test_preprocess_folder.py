@@ -12,7 +12,7 @@ from conftest import REPO
 from stages.preprocess.prepare import PreprocessSettings, preprocess_folder
 from test_preprocess import bad_file_bytes, busy_patch
 
-SMALL = PreprocessSettings(size=(64, 64))
+SMALL = PreprocessSettings.from_schema(size=(64, 64))
 
 
 def picture(path, size=(96, 96), seed=0, **save):
@@ -39,7 +39,7 @@ def test_every_bad_file_is_skipped_with_its_reason_and_the_rest_is_processed(tmp
     picture(src / "small.png", size=(96, 40), seed=3)  # a 64 px frame from 40 px high: 1.6x upscale
     (src / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
     os.symlink("/proc/self/mem", src / "unreadable.jpg")  # a file whose read fails with an I/O error
-    settings = PreprocessSettings(size=(64, 64), min_side=32, max_upscale=1.5, max_pixels=100_000)
+    settings = PreprocessSettings.from_schema(size=(64, 64), min_side=32, max_upscale=1.5, max_pixels=100_000)
     summary, manifest, reasons = run(src, tmp_path / "out", settings)
     assert list(manifest.output) == ["good.png"] and summary.kept == 1
     assert set(reasons) == {"empty.jpg", "fake.png", "truncated.png", "corrupt.png", "bomb.png", "tiny.png", "small.png", "phone.heic", "unreadable.jpg"}
@@ -58,7 +58,7 @@ def test_stray_files_are_ignored_quietly_and_an_image_without_extension_is_used(
         (src / name).write_bytes(b"stray bytes")
     (src / ".hidden").mkdir()
     picture(src / ".hidden" / "cached.png", seed=2)
-    summary, manifest, reasons = run(src, tmp_path / "out", PreprocessSettings(size=(64, 64), recursive=True))
+    summary, manifest, reasons = run(src, tmp_path / "out", PreprocessSettings.from_schema(size=(64, 64), recursive=True))
     assert sorted(manifest.output) == ["a.png", "photo_without_extension.png"]
     assert reasons == {} and summary.ignored == 2  # notes.docx and README.md
 
@@ -118,7 +118,7 @@ def test_captions_travel_decoded_to_utf8_with_a_configurable_extension(tmp_path)
     (src / "kohya.caption").write_text("from the caption file", encoding="utf-8")
     (src / "kohya.txt").write_text("the .txt loses to .caption", encoding="utf-8")
     out = tmp_path / "out"
-    _, manifest, _ = run(src, out, PreprocessSettings(size=(64, 64), caption_extension=".caption"))
+    _, manifest, _ = run(src, out, PreprocessSettings.from_schema(size=(64, 64), caption_extension=".caption"))
     rows = manifest.set_index("output")
     assert (out / rows.caption["jp.png"]).read_text(encoding="utf-8") == "赤いおもちゃ"
     assert (out / rows.caption["kohya.png"]).read_text(encoding="utf-8") == "from the caption file"
@@ -131,7 +131,7 @@ def test_recursive_reads_subfolders_and_keeps_names_apart(tmp_path):
     picture(src / "cats" / "a.png", seed=1)
     picture(src / "dogs" / "a.png", seed=2)
     _, flat, _ = run(src, tmp_path / "flat")
-    _, deep, _ = run(src, tmp_path / "deep", PreprocessSettings(size=(64, 64), recursive=True))
+    _, deep, _ = run(src, tmp_path / "deep", PreprocessSettings.from_schema(size=(64, 64), recursive=True))
     assert list(flat.output) == ["top.png"]
     assert sorted(deep.output) == ["cats_a.png", "dogs_a.png", "top.png"]
 
@@ -140,7 +140,7 @@ def test_oversized_images_split_into_parts_sharing_the_caption(tmp_path):
     src = tmp_path / "src"
     picture(src / "tall.png", size=(64, 200))
     (src / "tall.txt").write_text("a tall picture")
-    settings = PreprocessSettings(size=(64, 64), split=True, split_threshold=0.5, split_overlap=0.2)
+    settings = PreprocessSettings.from_schema(size=(64, 64), split=True, split_threshold=0.5, split_overlap=0.2)
     summary, manifest, _ = run(src, tmp_path / "out", settings)
     assert list(manifest.output) == [f"tall-part{i}.png" for i in range(1, 5)] and list(manifest.part) == [1, 2, 3, 4]
     assert set(manifest.caption) == {"tall.txt"} and summary.images == 4 and summary.kept == 1
@@ -151,7 +151,7 @@ def test_bucket_mode_writes_each_image_at_its_bucket_size(tmp_path):
     src = tmp_path / "src"
     picture(src / "wide.jpg", size=(600, 400))
     picture(src / "tall.png", size=(400, 600), seed=1)
-    settings = PreprocessSettings(size=(256, 256), mode="bucket", bucket_min_side=128, bucket_max_side=512)
+    settings = PreprocessSettings.from_schema(size=(256, 256), mode="bucket", bucket_min_side=128, bucket_max_side=512)
     _, manifest, _ = run(src, tmp_path / "out", settings)
     rows = manifest.set_index("output")
     assert rows.bucket["wide.png"] == "320x192" and rows.bucket["tall.png"] == "192x320"
@@ -161,7 +161,7 @@ def test_bucket_mode_writes_each_image_at_its_bucket_size(tmp_path):
 def test_focal_debug_image_and_flip_are_recorded(tmp_path):
     src = tmp_path / "src"
     picture(src / "a.png", size=(160, 96))
-    settings = PreprocessSettings(size=(64, 64), mode="focal", focal_debug=True, flip=True)
+    settings = PreprocessSettings.from_schema(size=(64, 64), mode="focal", focal_debug=True, flip=True)
     _, manifest, _ = run(src, tmp_path / "out", settings)
     assert Image.open(tmp_path / "out" / "focal_debug" / "a.jpg").size == (107, 64)
     assert list(manifest.flip) == [True]
@@ -181,9 +181,9 @@ def test_only_new_images_are_processed_and_removed_ones_leave(tmp_path):
     assert (summary.processed, summary.reused) == (0, 6) and not (out / "img0.png").exists()
     for path in out.glob("*.png"):  # Snakemake removes outputs before a rerun; the cache outlives them
         path.unlink()
-    summary, _, _ = run(src, out, PreprocessSettings(size=(64, 64), flip=True))
+    summary, _, _ = run(src, out, PreprocessSettings.from_schema(size=(64, 64), flip=True))
     assert summary.processed == 0 and len(list(out.glob("*.png"))) == 6
-    assert run(src, out, PreprocessSettings(size=(128, 128)))[0].processed == 6
+    assert run(src, out, PreprocessSettings.from_schema(size=(128, 128)))[0].processed == 6
 
 
 def test_prune_keeps_only_the_cache_entries_the_current_images_and_settings_use(tmp_path):
@@ -191,16 +191,16 @@ def test_prune_keeps_only_the_cache_entries_the_current_images_and_settings_use(
     for index in range(4):
         picture(src / f"img{index}.png", seed=index)
     run(src, out)
-    run(src, out, PreprocessSettings(size=(128, 128)))  # another settings key: a second set of entries
+    run(src, out, PreprocessSettings.from_schema(size=(128, 128)))  # another settings key: a second set of entries
     (src / "img0.png").unlink()
     before = sum(1 for p in cache.rglob("*") if p.is_file())
-    summary, manifest, _ = run(src, out, PreprocessSettings(size=(64, 64), prune=True))
+    summary, manifest, _ = run(src, out, PreprocessSettings.from_schema(size=(64, 64), prune=True))
     assert summary.pruned_files == before - 2 * 3 and summary.pruned_bytes > 0  # 3 images left, a record and a PNG each
     assert "unused cache files pruned" in summary.line()
-    assert [p.name for p in cache.iterdir()] == [PreprocessSettings(size=(64, 64)).cache_key()]
+    assert [p.name for p in cache.iterdir()] == [PreprocessSettings.from_schema(size=(64, 64)).cache_key()]
     for name in manifest.output:  # the outputs are whole (hard links keep their bytes)
         assert Image.open(out / name).size == (64, 64)
-    again, _, _ = run(src, out, PreprocessSettings(size=(64, 64), prune=True))
+    again, _, _ = run(src, out, PreprocessSettings.from_schema(size=(64, 64), prune=True))
     assert (again.processed, again.reused, again.pruned_files) == (0, 3, 0)  # nothing in use was pruned
 
 

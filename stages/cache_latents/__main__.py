@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     bundle = load_model(model["path"], model["family"])
     vae_identity = f"vae-{vae_fingerprint(bundle.vae)}"  # by weights: checkpoints that share a VAE share latents
-    summary = cache_latents(paths["preprocessed"], paths["out"], paths["store"], bundle.vae, vae_identity, paths["flip"], settings,
+    summary = cache_latents(paths["preprocessed"], paths["out"], paths["store"], bundle.vae, vae_identity, settings=settings, flip=paths["flip"],
                             progress=lambda samples, total: tqdm(samples, total=total, desc="cache_latents", unit="image"))
     print(f"cache_latents: {summary.line()}; store {paths['store'] / vae_identity} (VAE of {model['path']})")
     return 0

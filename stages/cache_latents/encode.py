@@ -102,8 +102,9 @@ def cache_latents(
     store_dir: Path,
     vae: torch.nn.Module,
     vae_identity: str,
+    *,
+    settings: CacheSettings,
     flip: bool = False,
-    settings: CacheSettings | None = None,
     progress: Progress | None = None,
 ) -> CacheSummary:
     """Encode what the store lacks and write out_dir/manifest.csv listing exactly the current images.
@@ -112,7 +113,6 @@ def cache_latents(
     NonFiniteLatentsError naming the images whose latents stayed NaN/inf; the manifest is then not
     written, and a rerun encodes only those images.
     """
-    settings = settings or CacheSettings()
     manifest_path = Path(out_dir) / "manifest.csv"
     manifest_path.unlink(missing_ok=True)  # a failed run must not leave a stale list for training
     device = settings.resolve_device()

@@ -4,35 +4,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from stages.common.config import ConfigError
+from stages.common.config import ConfigError, section_record_values, validate_config
 
 if TYPE_CHECKING:
     import torch
 
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
-
-
 @dataclass(frozen=True)
 class CacheSettings:
-    batch_size: int = 0  # images per VAE call (0 = 1 on the CPU, where that is fastest; 4 on a GPU); one size per call
-    dtype: str = "auto"  # auto = fp16 on a GPU (fp32 retry where it overflows), fp32 on the CPU
-    device: str = "auto"  # auto = cuda when torch sees a GPU
-    tiling: bool = False  # diffusers enable_tiling: images larger than the VAE's tile in overlapping tiles
-    slicing: bool = False  # diffusers enable_slicing: one image at a time inside a batch, same latents
-    prune: bool = False  # delete store entries the new manifest does not use
-
-    def __post_init__(self):
-        if not isinstance(self.batch_size, int) or self.batch_size < 0:
-            raise ConfigError(f"cache_latents.batch_size: {self.batch_size!r} is not allowed; give a whole number of images, or 0 for auto")
-        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"cache_latents.dtype: {self.dtype!r} is not allowed; choose one of: auto, {', '.join(DTYPE_NAMES)}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"cache_latents.device: {self.device!r} is not allowed; choose one of: {', '.join(DEVICES)}")
+    batch_size: int  # images per VAE call (0 = 1 on the CPU, where that is fastest; 4 on a GPU); one size per call
+    dtype: str  # auto = fp16 on a GPU (fp32 retry where it overflows), fp32 on the CPU
+    device: str  # auto = cuda when torch sees a GPU
+    tiling: bool  # diffusers enable_tiling: images larger than the VAE's tile in overlapping tiles
+    slicing: bool  # diffusers enable_slicing: one image at a time inside a batch, same latents
+    prune: bool  # delete store entries the new manifest does not use
 
     @classmethod
     def from_section(cls, section: dict) -> "CacheSettings":
-        return cls(**section)
+        """From the schema-checked cache_latents section (the schema holds the defaults and allowed values)."""
+        return cls(**section_record_values(cls, section, "cache_latents", "cache_latents"))
+
+    @classmethod
+    def from_schema(cls, **values) -> "CacheSettings":
+        """As if config.yaml said `cache_latents: values`; the schema fills the rest (tests, benchmarks)."""
+        return cls.from_section(validate_config({"cache_latents": values}, source="settings")["cache_latents"])
 
     def resolve_device(self) -> torch.device:
         import torch  # here, so that the command line's --help and config errors need no torch

@@ -9,8 +9,6 @@ from pathlib import Path
 from stages.common.config import ConfigError, validate_config
 from stages.common.workflow import tagger_files
 
-METHODS = ("existing", "filename", "tagger", "none")
-EXISTING_ACTIONS = ("ignore", "copy", "prepend", "append")
 
 
 @dataclass(frozen=True)
@@ -67,13 +65,6 @@ class CaptionSettings:
     existing_action: str
     filename: FilenameRule
     tagger: TaggerSettings
-
-    def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ConfigError(f"caption.method: {unknown or self.methods!r} is not allowed; use one of {', '.join(METHODS)} or a list of them")
-        if self.existing_action not in EXISTING_ACTIONS:
-            raise ConfigError(f"caption.existing_action: {self.existing_action!r} is not allowed; use one of {', '.join(EXISTING_ACTIONS)}")
 
     @property
     def uses_tagger(self) -> bool:

@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass
 
 from PIL import ImageColor
+from stages.common.config import section_record_values, validate_config
 from stages.common.errors import InputError
+from stages.common.layout import frame_size
 
-MODES = ("center", "pad", "focal", "bucket", "none")
 SPLIT_MODES = ("center", "pad", "focal")  # bucket and none keep each image's own aspect ratio
 # Bump when a code change alters the images written for unchanged settings, so old cache entries are not reused.
 PROCESSING_VERSION = 2
@@ -30,35 +31,31 @@ def parse_colour(value: str, key: str) -> tuple[int, int, int]:
 @dataclass(frozen=True)
 class PreprocessSettings:
     size: tuple[int, int]  # (width, height) of every framed image; bucket mode: the target area
-    mode: str = "center"
-    flip: bool = False  # recorded in the manifest; cache_latents encodes the mirrored copies
-    recursive: bool = False
-    caption_extension: str = ".txt"
-    background: tuple[int, int, int] = (255, 255, 255)  # behind transparent pixels
-    fill: tuple[int, int, int] | str = (255, 255, 255)  # pad mode's borders, or "edge" to stretch the outer pixels
-    min_side: int = 64  # smaller sources carry too little detail to train on
-    max_upscale: float = 4.0
-    max_pixels: int = 100_000_000  # decompression-bomb guard
-    split: bool = False
-    split_threshold: float = 0.5
-    split_overlap: float = 0.2
-    focal_face_weight: float = 0.9  # AUTOMATIC1111's defaults
-    focal_entropy_weight: float = 0.15
-    focal_edges_weight: float = 0.5
-    focal_debug: bool = False
-    bucket_min_side: int = 256  # kohya's min_bucket_reso, max_bucket_reso, bucket_reso_steps
-    bucket_max_side: int = 1024
-    bucket_step: int = 64
-    near_duplicate_distance: int = 4  # bits of 64 that may differ in the difference hash
-    prune: bool = False  # delete cache entries of other settings and of images no longer in the folder
+    mode: str
+    flip: bool  # recorded in the manifest; cache_latents encodes the mirrored copies
+    recursive: bool
+    caption_extension: str
+    background: tuple[int, int, int]  # behind transparent pixels
+    fill: tuple[int, int, int] | str  # pad mode's borders, or "edge" to stretch the outer pixels
+    min_side: int  # smaller sources carry too little detail to train on
+    max_upscale: float
+    max_pixels: int  # decompression-bomb guard
+    split: bool
+    split_threshold: float
+    split_overlap: float
+    focal_face_weight: float
+    focal_entropy_weight: float
+    focal_edges_weight: float
+    focal_debug: bool
+    bucket_min_side: int  # kohya's min_bucket_reso, max_bucket_reso, bucket_reso_steps
+    bucket_max_side: int
+    bucket_step: int
+    near_duplicate_distance: int  # bits of 64 that may differ in the difference hash
+    prune: bool  # delete cache entries of other settings and of images no longer in the folder
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"preprocess.mode: {self.mode!r} is not a mode; choose one of {', '.join(MODES)}")
         if self.split and self.mode not in SPLIT_MODES:
             raise InputError(f"preprocess.split: splitting needs mode {', '.join(SPLIT_MODES)}; mode {self.mode} keeps each image's aspect ratio")
-        if not 0 <= self.split_overlap < 1:
-            raise InputError(f"preprocess.split_overlap: {self.split_overlap} must be at least 0 and below 1")
         if self.mode == "bucket":
             self._check_buckets()
 
@@ -74,19 +71,19 @@ class PreprocessSettings:
 
     @classmethod
     def from_section(cls, section: dict) -> "PreprocessSettings":
-        """Settings from the validated `preprocess:` section (schema defaults already filled)."""
-        size = section["size"]
-        values = dict(section)
-        values["size"] = (size, size) if isinstance(size, int) else tuple(size)
-        if "background" in values:
-            values["background"] = parse_colour(values["background"], "background")
-        if "fill" in values:
-            values["fill"] = "edge" if values["fill"] == "edge" else parse_colour(values["fill"], "fill")
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"preprocess: unknown keys {', '.join(unknown)}; allowed keys: {', '.join(sorted(known))}")
+        """From the schema-checked `preprocess:` section (the schema holds the defaults and allowed values)."""
+        values = section_record_values(cls, dict(section), "preprocess", "preprocess")
+        values["size"] = frame_size(values["size"])
+        values["background"] = parse_colour(values["background"], "background")
+        values["fill"] = "edge" if values["fill"] == "edge" else parse_colour(values["fill"], "fill")
         return cls(**values)
+
+    @classmethod
+    def from_schema(cls, **values) -> "PreprocessSettings":
+        """As if config.yaml said `preprocess: values` (a size may be a (width, height) tuple); the schema fills the rest."""
+        if isinstance(values.get("size"), tuple):
+            values["size"] = list(values["size"])
+        return cls.from_section(validate_config({"preprocess": values}, source="settings")["preprocess"])
 
     def cache_key(self) -> str:
         """A hash of everything that shapes one image's outputs: equal key + equal file content → equal outputs."""
