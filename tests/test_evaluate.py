@@ -31,7 +31,7 @@ def write_run(train_dir, vectors_by_step: dict[int, torch.Tensor]) -> None:
 
 def run_of(tmp_path, demo_prepared, init_text: str = "") -> RunToEvaluate:
     return RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption",
-                         init_text=init_text)
+                         validation_split=0.0, init_text=init_text, init_from=None)
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_with_a_split_the_validation_loss_uses_only_the_held_out_images(tiny_bun
     from stages.common.latents import load_examples, split_validation
 
     write_run(tmp_path / "train", {2: vectors["sensible"]})
-    run = RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption", 0.25)
+    run = RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption", 0.25, "", None)
     metrics = evaluate_run(tiny_bundle, run, SECTION, (64, 64), tmp_path / "evaluate")
     held = split_validation(load_examples(demo_prepared / "latents", demo_prepared / "caption"), 0.25)[1]
     assert metrics["validation_set"] == "held out" and metrics["validation_images"] == 2 == len(held)

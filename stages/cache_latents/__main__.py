@@ -9,22 +9,18 @@ from tqdm import tqdm
 
 from stages.cache_latents.settings import CacheSettings
 from stages.common.layout import StageDirs
-from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.stage_cli import read_settings, run_stage, stage_parser
 from stages.common.workflow import STAGE_SECTIONS
 from stages.common.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.cache_latents",
-        description="Encode preprocessed images (and their mirrored copies) with the model's VAE into a content-keyed "
-        "store that survives reruns; write latents/manifest.csv, the list training reads.",
-    )
-    add_settings_arguments(parser)
+    parser = stage_parser("cache_latents", "Encode preprocessed images (and their mirrored copies) with the model's VAE into a content-keyed "
+                          "store that survives reruns; write latents/manifest.csv, the list training reads.", {
+                              "--preprocessed": "the preprocess stage's folder (default: {out_dir}/preprocess)",
+                              "--out": "output folder for manifest.csv (default: {out_dir}/latents)",
+                              "--store": "the persistent latent store (default: {out_dir}/cache/latents)"})
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="also encode mirrored copies (default: preprocess.flip)")
-    parser.add_argument("--preprocessed", type=Path, help="the preprocess stage's folder (default: {out_dir}/preprocess)")
-    parser.add_argument("--out", type=Path, help="output folder for manifest.csv (default: {out_dir}/latents)")
-    parser.add_argument("--store", type=Path, help="the persistent latent store (default: {out_dir}/cache/latents)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and file hashing (default: torch's own choice)")
     return parser
 

@@ -121,10 +121,7 @@ def cache_latents(
     store = LatentStore(store_dir)
     samples = plan_samples(Path(preprocess_dir), vae_identity, flip, dtype, encoder.tiles, workers=torch.get_num_threads())
 
-    missing: dict[EntryKey, Sample] = {}
-    for sample in samples:
-        if sample.key not in missing and not store.holds(sample.key):
-            missing[sample.key] = sample  # identical images share one entry: encode it once
+    missing = _missing_entries(samples, store)
     reused = sum(sample.key not in missing for sample in samples)
     log.info("%d latents: %d in the store, %d to encode on %s in %s, batches of %d",
              len(samples), reused, len(missing), device, dtype, settings.resolve_batch_size(device))
@@ -157,6 +154,15 @@ def cache_latents(
     if settings.prune:
         summary.pruned_files, summary.pruned_bytes = store.prune({store.path(s.key) for s in samples})
     return summary
+
+
+def _missing_entries(samples: list[Sample], store: LatentStore) -> dict[EntryKey, Sample]:
+    """The store entries the samples need and the store lacks; identical images share one entry, encoded once."""
+    missing: dict[EntryKey, Sample] = {}
+    for sample in samples:
+        if sample.key not in missing and not store.holds(sample.key):
+            missing[sample.key] = sample
+    return missing
 
 
 def _size_of(sample: Sample) -> tuple[int, int]:

@@ -10,19 +10,15 @@ from tqdm import tqdm
 from stages.caption.captions import write_captions
 from stages.caption.settings import CaptionSettings
 from stages.common.layout import StageDirs
-from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.stage_cli import read_settings, run_stage, stage_parser
 from stages.common.workflow import STAGE_SECTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.caption",
-        description="Write caption/{image}.txt, captions.csv and (with the tagger) tags.csv for every preprocessed image.",
-    )
-    add_settings_arguments(parser)
-    parser.add_argument("--preprocessed", type=Path, help="the preprocess stage's folder (default: {out_dir}/preprocess)")
-    parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/caption)")
-    parser.add_argument("--store", type=Path, help="the tagger's persistent score cache (default: {out_dir}/cache/tagger)")
+    parser = stage_parser("caption", "Write caption/{image}.txt, captions.csv and (with the tagger) tags.csv for every preprocessed image.", {
+        "--preprocessed": "the preprocess stage's folder (default: {out_dir}/preprocess)",
+        "--out": "output folder (default: {out_dir}/caption)",
+        "--store": "the tagger's persistent score cache (default: {out_dir}/cache/tagger)"})
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the tagger when caption.tagger.threads is 0 (default: all cores)")
     return parser
 

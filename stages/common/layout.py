@@ -5,40 +5,18 @@ survive reruns (per-image caches, training state) sits under cache/, keyed by co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
 class StageDirs:
-    out_dir: Path
+    """Where each stage's files go under out_dir."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "out_dir", Path(self.out_dir))
-
-    @property
-    def preprocess(self) -> Path:
-        return self.out_dir / "preprocess"
-
-    @property
-    def preprocess_cache(self) -> Path:
-        return self.out_dir / "cache" / "preprocess"
-
-    @property
-    def caption(self) -> Path:
-        return self.out_dir / "caption"
-
-    @property
-    def tagger_store(self) -> Path:
-        return self.out_dir / "cache" / "tagger"
-
-    @property
-    def latents(self) -> Path:
-        return self.out_dir / "latents"
-
-    @property
-    def latent_store(self) -> Path:
-        return self.out_dir / "cache" / "latents"
+    def __init__(self, out_dir: str | Path):
+        root = self.out_dir = Path(out_dir)
+        self.preprocess, self.preprocess_cache = root / "preprocess", root / "cache" / "preprocess"
+        self.caption, self.tagger_store = root / "caption", root / "cache" / "tagger"
+        self.latents, self.latent_store = root / "latents", root / "cache" / "latents"
+        self.evaluate_root, self.logs = root / "evaluate", root / "logs"
 
     def train(self, run: str) -> Path:
         return self.out_dir / "train" / run
@@ -47,21 +25,11 @@ class StageDirs:
         """The resume store of a run: full training state, outside train's declared outputs."""
         return self.out_dir / "cache" / "train" / run
 
-    @property
-    def evaluate_root(self) -> Path:
-        return self.out_dir / "evaluate"
-
     def evaluate(self, run: str) -> Path:
         return self.evaluate_root / run
 
     def log(self, job: str) -> Path:
-        return self.out_dir / "logs" / f"{job}.log"
-
-
-def run_files(train_dir: Path, run: str) -> dict[str, Path]:
-    """The files train leaves for a run, by role (train/{run}/ as SPEC §1 lays it out)."""
-    return {"embedding": train_dir / f"{run}.safetensors", "a1111": train_dir / f"{run}.pt", "loss": train_dir / "loss.csv",
-            "steps": train_dir / "steps", "interrupted": train_dir / "interrupted"}
+        return self.logs / f"{job}.log"
 
 
 def latest_snapshot(folder: Path, name: str) -> Path | None:

@@ -13,6 +13,16 @@ from stages.common.config import ConfigError, load_config, validate_config
 from stages.common.console import routed_output
 
 
+def stage_parser(stage: str, description: str, folders: dict[str, str]) -> argparse.ArgumentParser:
+    """A stage's command line: the settings arguments, then one flag per folder it reads or writes, each
+    overriding where StageDirs puts that folder (`folders` maps the flag to what the folder is)."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
+    add_settings_arguments(parser)
+    for flag, what in folders.items():
+        parser.add_argument(flag, type=Path, help=what)
+    return parser
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, default=None, help="read settings and paths from this config.yaml (default when nothing else is given: ./config.yaml)")

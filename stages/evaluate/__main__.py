@@ -9,27 +9,22 @@ from tqdm import tqdm
 
 from stages.common.config import run_settings
 from stages.common.layout import StageDirs, frame_size
-from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.stage_cli import read_settings, run_stage, stage_parser
 from stages.common.workflow import STAGE_SECTIONS
 from stages.common.text import plural
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.evaluate",
-        description="Score every saved checkpoint of a run on fixed noise (val_loss.csv), copy the best one to best/, "
-                    "and render grid.png, checkpoints.png, loss.png, metrics.json and index.html.",
-    )
-    add_settings_arguments(parser)
+    parser = stage_parser("evaluate", "Score every saved checkpoint of a run on fixed noise (val_loss.csv), copy the best one to best/, "
+                          "and render grid.png, checkpoints.png, loss.png, metrics.json and index.html.", {
+                              "--train-dir": "the run's train folder (default: {out_dir}/train/{run})",
+                              "--latents": "the cache_latents folder (default: {out_dir}/latents)",
+                              "--captions": "the caption folder (default: {out_dir}/caption)",
+                              "--out": "output folder (default: {out_dir}/evaluate/{run}, or {out_dir}/evaluate with --overview)"})
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", help="the run (embedding name) to evaluate")
-    what.add_argument("--overview", action="store_true",
-                      help="instead: write index.html comparing runs already evaluated, in --out (default: {out_dir}/evaluate)")
+    what.add_argument("--overview", action="store_true", help="instead: write index.html comparing runs already evaluated, in --out")
     parser.add_argument("--runs", nargs="+", help="with --overview: the runs to compare (default: every run in config.yaml)")
-    parser.add_argument("--train-dir", type=Path, help="the run's train folder (default: {out_dir}/train/{run})")
-    parser.add_argument("--latents", type=Path, help="the cache_latents folder (default: {out_dir}/latents)")
-    parser.add_argument("--captions", type=Path, help="the caption folder (default: {out_dir}/caption)")
-    parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/evaluate/{run})")
     return parser
 
 

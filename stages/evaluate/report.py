@@ -49,15 +49,15 @@ class RunToEvaluate:
     train_dir: Path
     latents_dir: Path
     captions_dir: Path
-    validation_split: float = 0.0  # train.validation_split: score on the images training held out
-    init_text: str = "*"  # where training started, scored as the baseline row
-    init_from: str | None = None
+    validation_split: float  # train.validation_split: score on the images training held out
+    init_text: str  # where training started, scored as the baseline row
+    init_from: str | None
 
     @classmethod
     def from_run_settings(cls, name: str, settings: dict, train_dir: Path, latents_dir: Path, captions_dir: Path) -> "RunToEvaluate":
-        """From the run's settings (config's run_settings, or the part of it Snakemake passes: workflow.EVALUATE_RUN_KEYS)."""
-        return cls(name, settings.get("token", name), settings.get("template", "captions"), train_dir, latents_dir, captions_dir,
-                   settings.get("validation_split", 0.0), settings.get("init_text", "*"), settings.get("init_from"))
+        """From the run's merged, schema-checked settings (config.run_settings)."""
+        return cls(name, settings["token"], settings["template"], train_dir, latents_dir, captions_dir,
+                   settings["validation_split"], settings["init_text"], settings.get("init_from"))
 
 
 def plot_loss(loss_csv: Path, validation: pd.DataFrame | None, target: Path) -> None:

@@ -20,16 +20,7 @@ from stages.common.errors import InputError, MissingInput
 from stages.common.latents import LatentExample
 from stages.common.models import ModelBundle
 from stages.common.prompts import load_template
-from stages.common.textual_inversion import (
-    ComputeOptions,
-    TextualInversion,
-    fixed_probe,
-    pick_device,
-    prepare_modules,
-    probe_loss,
-    probe_prompts,
-    starting_point,
-)
+from stages.common import textual_inversion as core  # the loss, probe and start training used
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +39,7 @@ def starting_checkpoint(bundle: ModelBundle, run: str, init_text: str, init_from
 
     Call before anything installs the run's token: init_text is looked up in the model's own vocabulary.
     """
-    start, step = starting_point(bundle, init_text, init_from, vectors)
+    start, step = core.starting_point(bundle, init_text, init_from, vectors)
     source = f"init_from {init_from}" if init_from else f"init_text {init_text!r}"
     return Checkpoint(step, source, is_start=True), Embedding.from_tensors(run, bundle.family, [start], step=step)
 
@@ -81,9 +72,9 @@ class CheckpointModel:
 
     def __init__(self, bundle: ModelBundle, first: Embedding, token: str, template: str, clip_skip: int):
         self.key = first.encoder_keys[0]
-        self.model = TextualInversion(bundle, token, first.vectors[self.key], clip_skip)
-        prepare_modules(bundle, ComputeOptions.plain("auto"), pick_device())
-        self.model.vectors.data = self.model.vectors.data.to(device=pick_device(), dtype=torch.float32)
+        self.model = core.TextualInversion(bundle, token, first.vectors[self.key], clip_skip)
+        core.prepare_modules(bundle, core.ComputeOptions.plain("auto"), core.pick_device())
+        self.model.vectors.data = self.model.vectors.data.to(device=core.pick_device(), dtype=torch.float32)
         self.token, self.template = token, load_template(template)
 
     def use(self, embedding: Embedding, source: str) -> None:
@@ -109,12 +100,12 @@ def score_checkpoints(
     progress=None,
 ) -> pd.DataFrame:
     """val_loss.csv's table: one row per (checkpoint, embedding), in the order given, all on the same fixed probe."""
-    prompts = probe_prompts(model.template, examples, model.token)
-    probe = fixed_probe(examples, samples, seed, num_timesteps)
+    prompts = core.probe_prompts(model.template, examples, model.token)
+    probe = core.fixed_probe(examples, samples, seed, num_timesteps)
     rows = []
     for checkpoint, embedding in (progress(scored) if progress else scored):
         model.use(embedding, checkpoint.source)
-        rows.append({"step": checkpoint.step, "val_loss": probe_loss(model.model, examples, probe, prompts),
+        rows.append({"step": checkpoint.step, "val_loss": core.probe_loss(model.model, examples, probe, prompts),
                      "vector_norm": float(embedding.vectors[model.key].norm(dim=1).mean()),
                      "start": checkpoint.is_start, "file": checkpoint.source})
     return pd.DataFrame(rows, columns=VAL_LOSS_COLUMNS)

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stages.common.layout import StageDirs
-from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.stage_cli import read_settings, run_stage, stage_parser
 from stages.common.workflow import STAGE_SECTIONS
 from stages.preprocess.prepare import PreprocessSettings, preprocess_folder, resolve_source
 from stages.common.errors import InputError
@@ -20,16 +20,12 @@ def _usable_cores() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.preprocess",
-        description="Normalise and frame every image of a folder (or builtin:demo); write PNGs, captions, "
-        "manifest.csv, skipped.csv and near_duplicates.csv. Framed images are cached by content and settings, "
-        "so a rerun only processes new or changed images.",
-    )
-    add_settings_arguments(parser)
+    parser = stage_parser("preprocess", "Normalise and frame every image of a folder (or builtin:demo); write PNGs, captions, "
+                          "manifest.csv, skipped.csv and near_duplicates.csv. Framed images are cached by content and settings, "
+                          "so a rerun only processes new or changed images.", {
+                              "--out": "output folder (default: {out_dir}/preprocess)",
+                              "--cache": "per-image cache that survives reruns (default: {out_dir}/cache/preprocess)"})
     parser.add_argument("--images", help="source folder or builtin:demo (default: dataset.images of the config)")
-    parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/preprocess)")
-    parser.add_argument("--cache", type=Path, help="per-image cache that survives reruns (default: {out_dir}/cache/preprocess)")
     parser.add_argument("--threads", type=int, default=_usable_cores(), help="worker processes (default: every core this process may use)")
     return parser
 

@@ -11,22 +11,18 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from stages.common.config import run_settings
 from stages.common.families import clip_skip_warning
 from stages.common.layout import StageDirs, frame_size
-from stages.common.stage_cli import add_settings_arguments, read_settings, run_stage
+from stages.common.stage_cli import read_settings, run_stage, stage_parser
 from stages.common.workflow import STAGE_SECTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.train",
-        description="Train a Textual Inversion embedding from cached latents and captions; write {run}.safetensors, "
-        "{run}.pt, steps/ and loss.csv. Ctrl-C or SIGTERM saves everything; running again resumes.",
-    )
-    add_settings_arguments(parser)
+    parser = stage_parser("train", "Train a Textual Inversion embedding from cached latents and captions; write {run}.safetensors, "
+                          "{run}.pt, steps/ and loss.csv. Ctrl-C or SIGTERM saves everything; running again resumes.", {
+                              "--latents": "the cache_latents folder (default: {out_dir}/latents)",
+                              "--captions": "the caption folder (default: {out_dir}/caption)",
+                              "--out": "output folder (default: {out_dir}/train/{run})",
+                              "--state-dir": "resume store for this run (default: {out_dir}/cache/train/{run})"})
     parser.add_argument("--run", required=True, help="the run (embedding name) in runs: to train")
-    parser.add_argument("--latents", type=Path, help="the cache_latents folder (default: {out_dir}/latents)")
-    parser.add_argument("--captions", type=Path, help="the caption folder (default: {out_dir}/caption)")
-    parser.add_argument("--out", type=Path, help="output folder (default: {out_dir}/train/{run})")
-    parser.add_argument("--state-dir", type=Path, help="resume store for this run (default: {out_dir}/cache/train/{run})")
     return parser
 
 
