@@ -4,7 +4,7 @@ import sys
 
 from stages.common.config import ConfigError, check_yaml_syntax, validate_config
 from stages.common.preflight import check_before_work
-from stages.common.snakelock import remove_stale_lock
+from stages.common.snakelock import defer_sigterm_handler, remove_stale_lock
 from stages.common.layout import StageDirs
 from stages.common.workflow import dataset_inputs, model_inputs, stage_settings, tagger_inputs, train_inputs
 
@@ -22,6 +22,7 @@ except ConfigError as error:
     sys.exit(f"tiflow: {error}")
 
 if workflow.exec_mode.name == "DEFAULT":  # the snakemake a user started, not a cluster job's
+    defer_sigterm_handler()  # a SIGTERM must stop snakemake, never hang it (stages/common/snakelock.py)
     for lock in remove_stale_lock():
         print(f"tiflow: removed {lock}, left by a snakemake that was stopped hard (none runs in this folder now)", file=sys.stderr)
 

@@ -114,3 +114,23 @@ def test_a_hard_stop_leaves_a_lock_that_the_next_run_removes(tmp_path_factory, u
     assert "removed" in rerun.stderr and "left by a snakemake that was stopped hard" in rerun.stderr
     assert "resuming demotok from step 100 of 300" in (workdir / "out/logs/train_demotok.log").read_text()
     assert torch.equal(load_file(str(workdir / TARGET))["emb_params"], uninterrupted)
+
+
+def test_snakemakes_sigterm_handler_cannot_deadlock_on_its_scheduler_lock():
+    """Snakemake's own handler takes the scheduler's non-reentrant lock; run inside the signal while the
+    scheduling loop holds that lock, it would wait forever. Deferred to a thread, it returns at once and
+    takes effect as soon as the loop lets go."""
+    import threading
+
+    from snakemake.scheduling.job_scheduler import JobScheduler
+
+    from stages.common.snakelock import defer_sigterm_handler
+
+    assert defer_sigterm_handler() and defer_sigterm_handler()  # idempotent
+    scheduler = JobScheduler.__new__(JobScheduler)  # only the two attributes the handler touches
+    scheduler._lock, scheduler._open_jobs, scheduler._user_kill = threading.Lock(), threading.Semaphore(0), None
+    with scheduler._lock:  # the scheduling loop is inside its critical section when SIGTERM lands
+        scheduler.exit_gracefully(signal.SIGTERM, None)  # returns: the handler no longer blocks the main thread
+        assert scheduler._user_kill is None
+    assert scheduler._open_jobs.acquire(timeout=10)  # the deferred handler ran once the lock was free
+    assert scheduler._user_kill == "graceful"

@@ -16,8 +16,7 @@ from stages.common.errors import InputError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser("cache_latents", "Encode preprocessed images (and their mirrored copies) with the model's VAE into a content-keyed "
-                          "store that survives reruns; write latents/manifest.csv, the list training reads.", {
-                              "--preprocessed": "the preprocess stage's folder (default: {out_dir}/preprocess)",
+                          "store that survives reruns; write latents/manifest.csv, the list training reads.", ("--preprocessed",), {
                               "--out": "output folder for manifest.csv (default: {out_dir}/latents)",
                               "--store": "the persistent latent store (default: {out_dir}/cache/latents)"})
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="also encode mirrored copies (default: preprocess.flip)")

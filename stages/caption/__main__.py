@@ -15,10 +15,10 @@ from stages.common.workflow import STAGE_SECTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = stage_parser("caption", "Write caption/{image}.txt, captions.csv and (with the tagger) tags.csv for every preprocessed image.", {
-        "--preprocessed": "the preprocess stage's folder (default: {out_dir}/preprocess)",
-        "--out": "output folder (default: {out_dir}/caption)",
-        "--store": "the tagger's persistent score cache (default: {out_dir}/cache/tagger)"})
+    parser = stage_parser("caption", "Write caption/{image}.txt, captions.csv and (with the tagger) tags.csv for every preprocessed image.",
+                          ("--preprocessed",), {
+                              "--out": "output folder (default: {out_dir}/caption)",
+                              "--store": "the tagger's persistent score cache (default: {out_dir}/cache/tagger)"})
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the tagger when caption.tagger.threads is 0 (default: all cores)")
     return parser
 

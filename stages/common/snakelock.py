@@ -1,4 +1,4 @@
-"""Snakemake's lock after a hard stop: removed when no snakemake runs in this folder any more.
+"""Snakemake after a stop: a SIGTERM that cannot deadlock it, and its lock removed when no snakemake runs here.
 
 Snakemake locks the working folder while it runs and removes the lock when it ends. A closed
 terminal, a SIGKILL or a crash leaves the lock behind, and every later run then refuses to start
@@ -7,8 +7,10 @@ this folder; then it is removed, and the run goes on.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -55,3 +57,30 @@ def remove_stale_lock(folder: Path = Path(".")) -> list[Path]:
     for lock in locks:
         lock.unlink(missing_ok=True)
     return locks
+
+
+def defer_sigterm_handler() -> bool:
+    """Run Snakemake's SIGTERM handler in a thread of its own instead of inside the signal.
+
+    Snakemake 9's JobScheduler.exit_gracefully takes the scheduler's lock, a plain (non-reentrant)
+    threading.Lock that the scheduling loop holds on the same main thread. A SIGTERM (scancel,
+    pre-emption, `kill` on the group) that lands while the loop holds it deadlocks snakemake for
+    good: its jobs stop and save, but snakemake hangs with the working folder locked. In a thread
+    of its own, the handler simply waits for the loop to let go. Returns False when this Snakemake
+    has no such handler (then nothing is changed).
+    """
+    try:
+        from snakemake.scheduling.job_scheduler import JobScheduler
+    except ImportError:
+        return False
+    original = getattr(JobScheduler, "exit_gracefully", None)
+    if original is None or getattr(original, "deferred", False):
+        return original is not None
+
+    @functools.wraps(original)
+    def exit_gracefully(self, *args):
+        threading.Thread(target=original, args=(self, *args), name="snakemake-sigterm", daemon=True).start()
+
+    exit_gracefully.deferred = True
+    JobScheduler.exit_gracefully = exit_gracefully
+    return True

@@ -13,12 +13,21 @@ from stages.common.config import ConfigError, load_config, validate_config
 from stages.common.console import routed_output
 
 
-def stage_parser(stage: str, description: str, folders: dict[str, str]) -> argparse.ArgumentParser:
-    """A stage's command line: the settings arguments, then one flag per folder it reads or writes, each
-    overriding where StageDirs puts that folder (`folders` maps the flag to what the folder is)."""
+# folders several stages read; each flag overrides where StageDirs puts that folder
+SHARED_FOLDERS = {
+    "--preprocessed": "the preprocess stage's folder (default: {out_dir}/preprocess)",
+    "--latents": "the cache_latents folder (default: {out_dir}/latents)",
+    "--captions": "the caption folder (default: {out_dir}/caption)",
+    "--train-dir": "the run's train folder (default: {out_dir}/train/{run})",
+}
+
+
+def stage_parser(stage: str, description: str, reads: tuple[str, ...], writes: dict[str, str]) -> argparse.ArgumentParser:
+    """A stage's command line: the settings arguments, then one flag per folder it `reads` (SHARED_FOLDERS)
+    or `writes` (flag: what it is), each overriding where StageDirs puts that folder."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
     add_settings_arguments(parser)
-    for flag, what in folders.items():
+    for flag, what in [(flag, SHARED_FOLDERS[flag]) for flag in reads] + list(writes.items()):
         parser.add_argument(flag, type=Path, help=what)
     return parser
 

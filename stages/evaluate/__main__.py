@@ -16,10 +16,8 @@ from stages.common.text import plural
 
 def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser("evaluate", "Score every saved checkpoint of a run on fixed noise (val_loss.csv), copy the best one to best/, "
-                          "and render grid.png, checkpoints.png, loss.png, metrics.json and index.html.", {
-                              "--train-dir": "the run's train folder (default: {out_dir}/train/{run})",
-                              "--latents": "the cache_latents folder (default: {out_dir}/latents)",
-                              "--captions": "the caption folder (default: {out_dir}/caption)",
+                          "and render grid.png, checkpoints.png, loss.png, metrics.json and index.html.",
+                          ("--train-dir", "--latents", "--captions"), {
                               "--out": "output folder (default: {out_dir}/evaluate/{run}, or {out_dir}/evaluate with --overview)"})
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", help="the run (embedding name) to evaluate")

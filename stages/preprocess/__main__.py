@@ -22,7 +22,7 @@ def _usable_cores() -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser("preprocess", "Normalise and frame every image of a folder (or builtin:demo); write PNGs, captions, "
                           "manifest.csv, skipped.csv and near_duplicates.csv. Framed images are cached by content and settings, "
-                          "so a rerun only processes new or changed images.", {
+                          "so a rerun only processes new or changed images.", (), {
                               "--out": "output folder (default: {out_dir}/preprocess)",
                               "--cache": "per-image cache that survives reruns (default: {out_dir}/cache/preprocess)"})
     parser.add_argument("--images", help="source folder or builtin:demo (default: dataset.images of the config)")

@@ -17,9 +17,8 @@ from stages.common.workflow import STAGE_SECTIONS
 
 def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser("train", "Train a Textual Inversion embedding from cached latents and captions; write {run}.safetensors, "
-                          "{run}.pt, steps/ and loss.csv. Ctrl-C or SIGTERM saves everything; running again resumes.", {
-                              "--latents": "the cache_latents folder (default: {out_dir}/latents)",
-                              "--captions": "the caption folder (default: {out_dir}/caption)",
+                          "{run}.pt, steps/ and loss.csv. Ctrl-C or SIGTERM saves everything; running again resumes.",
+                          ("--latents", "--captions"), {
                               "--out": "output folder (default: {out_dir}/train/{run})",
                               "--state-dir": "resume store for this run (default: {out_dir}/cache/train/{run})"})
     parser.add_argument("--run", required=True, help="the run (embedding name) in runs: to train")
