@@ -26,13 +26,13 @@ class Family:
     vae_scaling_factor: float  # latents are multiplied by this before the UNet sees them
     pad_with_eos: bool  # SD1 pads prompts with <|endoftext|>, OpenCLIP models with "!" (id 0)
     penultimate_layer: bool  # SDXL conditions on hidden_states[-2] without the final norm
-    a1111_clip_skip: bool = True  # AUTOMATIC1111/Forge apply the Clip skip setting to this family (not to OpenCLIP SD 2.x)
+    a1111_clip_skip: bool  # AUTOMATIC1111/Forge apply the Clip skip setting to this family (not to OpenCLIP SD 2.x)
 
 
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
-        Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L/14)", (TextEncoderSlot("emb_params", 768),), "epsilon", 512, 0.18215, True, False),
+        Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L/14)", (TextEncoderSlot("emb_params", 768),), "epsilon", 512, 0.18215, True, False, True),
         Family("sd2", "Stable Diffusion 2.x base (OpenCLIP ViT-H/14, epsilon)", (TextEncoderSlot("emb_params", 1024),), "epsilon", 512, 0.18215, False, False, False),
         Family("sd2-v", "Stable Diffusion 2.x 768-v (OpenCLIP ViT-H/14, v-prediction)", (TextEncoderSlot("emb_params", 1024),), "v_prediction", 768, 0.18215, False, False, False),
         Family(
@@ -43,6 +43,7 @@ FAMILIES: dict[str, Family] = {
             1024,
             0.13025,
             False,
+            True,
             True,
         ),
     )

@@ -30,9 +30,11 @@ DEBUG_COLOURS = {"faces": (255, 0, 0), "entropy": (255, 255, 0), "edges": (0, 0,
 
 @dataclass(frozen=True)
 class FocalWeights:
-    faces: float = 0.9
-    entropy: float = 0.15
-    edges: float = 0.5
+    """preprocess.focal_*_weight (the schema's defaults are AUTOMATIC1111's 0.9, 0.15 and 0.5)."""
+
+    faces: float
+    entropy: float
+    edges: float
 
 
 @dataclass
