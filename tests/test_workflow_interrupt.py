@@ -54,8 +54,9 @@ def stop_the_job_group(workdir: Path, stop: signal.Signals, kill_reader_first: b
     pipeline = " ".join(f"'{part}'" for part in snakemake_command(workdir)) + f" 2>&1 | cat > '{shown}'"
     group = subprocess.Popen(["bash", "-c", pipeline], start_new_session=True)
     periodic = workdir / "out/train/demotok/steps/demotok-100.safetensors"
+    state = workdir / "out/cache/train/demotok"  # the step-100 save ends with the full state (written atomically)
     deadline = time.monotonic() + 300
-    while not periodic.exists():
+    while not (periodic.exists() and any(state.glob("*/state.pt"))):
         assert group.poll() is None and time.monotonic() < deadline, f"train never saved step 100: {shown.read_text()[-3000:]}"
         time.sleep(0.02)
     if kill_reader_first:  # the process reading the trainer's output dies before the trainer hears anything
