@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -62,21 +61,38 @@ def stop_the_job_group(workdir: Path, stop: signal.Signals, kill_reader_first: b
     if kill_reader_first:  # the process reading the trainer's output dies before the trainer hears anything
         subprocess.run(["pkill", "-KILL", "-g", str(group.pid), "-x", "cat"], check=True)
         time.sleep(0.3)
-    if stop == signal.SIGINT:  # Ctrl-C reaches the job, not the terminal: the pipe's reader stays to show what is said
-        subprocess.run(["pkill", f"-{stop.name}", "-g", str(group.pid), "-f", "snakemake|stages.train"], check=True)
-    else:
+    if stop == signal.SIGKILL:
         os.killpg(group.pid, stop)
-    deadline = time.monotonic() + 120
-    while True:  # wait for every process of the group (the trainer saving last), not just the shell
-        group.poll()  # reap the shell: a zombie still counts as a member of the group
-        try:
-            os.killpg(group.pid, 0)
-        except ProcessLookupError:
-            break
-        left = subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(group.pid)], capture_output=True, text=True).stdout
-        assert time.monotonic() < deadline, f"the job's processes did not stop within 2 minutes of {stop.name}:\n{left}"
-        time.sleep(0.1)
+    else:  # as a terminal or a scheduler does: every process of the job, while the terminal (cat) stays to show what is said
+        subprocess.run(["pkill", f"-{stop.name}", "-g", str(group.pid), "-f", "snakemake|stages.train"], check=True)
+    wait_for(lambda: not subprocess.run(["pgrep", "-g", str(group.pid), "-f", "stages.train"], capture_output=True).stdout,
+             f"the trainer did not stop within 2 minutes of {stop.name}", group)
+    # Snakemake itself can hang when the reader of its own output is gone (its job-end callback dies writing the
+    # log). That is Snakemake's, not the job's, and the trainer has saved by now: give it time, then end it.
+    try:
+        wait_for(lambda: group.poll() is not None and not group_alive(group.pid), "snakemake is still running", group, seconds=30)
+    except AssertionError:
+        assert kill_reader_first, f"snakemake did not exit after {stop.name} although its terminal was alive"
+        os.killpg(group.pid, signal.SIGKILL)
+        wait_for(lambda: group.poll() is not None and not group_alive(group.pid), "the job group survived SIGKILL", group)
     return shown.read_text()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)  # a zombie still counts as a member: callers reap the shell with poll() first
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def wait_for(done, message: str, group: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        group.poll()
+        left = subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(group.pid)], capture_output=True, text=True).stdout
+        assert time.monotonic() < deadline, f"{message}:\n{left}"
+        time.sleep(0.1)
 
 
 def saved_steps(workdir: Path, folder: str = "steps") -> list[int]:
@@ -96,10 +112,10 @@ def test_a_stop_signal_to_the_job_group_saves_and_the_rerun_resumes_exactly(tmp_
     log = (workdir / "out/logs/train_demotok.log").read_text()
     assert message in log and "\r" not in log  # the log holds readable lines, not progress-bar frames
     assert "train demotok: step 30/300, loss " in log  # and the progress, a line every 10%
-    if stop == signal.SIGINT:
+    if not kill_reader_first:
         assert message in terminal  # the trainer's own words reach the terminal, not only Snakemake's exit status
     assert not (workdir / TARGET).exists()
-    assert len(pd.read_csv(workdir / "out/train/demotok/loss.csv")) == stopped_at
+    # loss.csv is a declared output, so Snakemake deletes it with the failed job; its rows live on in the saved state
 
     run_to_the_end(workdir)  # the README's command, no flags: resumes
     assert f"resuming demotok from step {stopped_at} of 300" in (workdir / "out/logs/train_demotok.log").read_text()
