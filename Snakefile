@@ -15,13 +15,16 @@ except ConfigError as error:
 
 configfile: "config.yaml"
 
+MAIN = workflow.exec_mode.name == "DEFAULT"  # the snakemake a user started, not a cluster job's own
+
 try:
     validate_config(config)
-    check_before_work(config)  # trigger words, templates, model and init_from files: seconds, before any stage runs
+    if MAIN:  # the checks that read files run once, not again in every cluster job
+        check_before_work(config)  # trigger words, templates, model and init_from files: seconds, before any stage runs
 except ConfigError as error:
     sys.exit(f"tiflow: {error}")
 
-if workflow.exec_mode.name == "DEFAULT":  # the snakemake a user started, not a cluster job's
+if MAIN:
     defer_sigterm_handler()  # a SIGTERM must stop snakemake, never hang it (stages/common/snakelock.py)
     for lock in remove_stale_lock():
         print(f"tiflow: removed {lock}, left by a snakemake that was stopped hard (none runs in this folder now)", file=sys.stderr)

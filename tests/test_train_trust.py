@@ -118,8 +118,11 @@ def test_bucketed_order_is_seeded_and_resumable():
 def test_deterministic_switch_trains_on_cpu(demo_prepared, tmp_path, precision):
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
     settings = TrainSettings.from_schema(name="demotok", token="demotok", steps=2, save_every=0, deterministic=True, precision=precision)
+    switch_during_steps = []
     try:
-        result = train_embedding(load_model("builtin:tiny-sd15"), examples, settings, tmp_path)
+        result = train_embedding(load_model("builtin:tiny-sd15"), examples, settings, tmp_path,
+                                 reporter=lambda *_: switch_during_steps.append(torch.are_deterministic_algorithms_enabled()))
     finally:
         torch.use_deterministic_algorithms(False)  # a process-wide switch: leave other tests as they were
+    assert switch_during_steps == [True, True]  # every step ran with only deterministic kernels allowed
     assert torch.isfinite(result.embedding.vectors["emb_params"]).all() and len(result.losses) == 2

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common.config import ConfigError, validate_config
-from stages.common.workflow import tagger_files
+from stages.common.workflow import tagger_files, tagger_paths
 
 
 
@@ -47,8 +47,7 @@ class TaggerSettings:
 
     @classmethod
     def from_section(cls, section: dict) -> "TaggerSettings":
-        model = Path(section["model"]) if section["model"] else None
-        tags = Path(section["tags"]) if section["tags"] else (model.with_name("selected_tags.csv") if model else None)
+        model, tags = tagger_paths(section["model"], section["tags"])
         values = {key: section[key] for key in section if key not in ("model", "tags")}
         for key in ("exclude", "prefix", "always_first"):
             values[key] = tuple(values[key])

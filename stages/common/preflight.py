@@ -37,7 +37,7 @@ def check_paths(config: dict) -> None:
 def check_runs(config: dict) -> None:
     from stages.common.clip_vocab import build_clip_tokenizer
     from stages.common.prompts import load_template
-    from stages.common.trigger import TokenError, check_trigger
+    from stages.common.trigger import TokenError, check_trigger, init_token_ids
 
     tokenizer = build_clip_tokenizer()  # every SD family's text encoders share this vocabulary
     for run in config["runs"]:
@@ -52,13 +52,11 @@ def check_runs(config: dict) -> None:
             load_template(settings["template"])
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"{_key(config, run, 'template')}: {str(error).removeprefix('train.template: ')}") from None
-        init_text = settings["init_text"]
-        count = len(tokenizer(init_text, add_special_tokens=False).input_ids) if init_text.strip() else 0
-        if init_text.strip() and count == 0:
-            raise ConfigError(f"{_key(config, run, 'init_text')}: {init_text!r} has no tokens; use a word close to the concept, or \"\" for zeros")
-        if count > vectors and not settings.get("init_from"):
-            raise ConfigError(f"{_key(config, run, 'init_text')}: {init_text!r} is {count} tokens but {_key(config, run, 'vectors')} is {vectors}; "
-                              f"raise vectors to {count} or shorten init_text")
+        if not settings.get("init_from"):  # with init_from the file's vectors start the run, not init_text
+            try:
+                init_token_ids(tokenizer, settings["init_text"], vectors)
+            except TokenError as error:
+                raise ConfigError(f"{_key(config, run, 'init_text')}: {error}") from None
         if settings.get("init_from"):
             _check_init_from(config, run, settings)
 

@@ -6,7 +6,7 @@ import re
 import torch
 from torch import nn
 
-from stages.common.trigger import PROMPT_TOKEN_BUDGET, TokenError, check_trigger, placeholder_tokens  # noqa: F401 (re-exported)
+from stages.common.trigger import PROMPT_TOKEN_BUDGET, TokenError, check_trigger, init_token_ids, placeholder_tokens  # noqa: F401 (re-exported)
 
 
 def add_placeholder_tokens(tokenizer, trigger: str, vectors: int) -> list[int]:
@@ -25,16 +25,10 @@ def initial_vectors(tokenizer, token_embedding: torch.Tensor, init_text: str, ve
     like any other (the `*` token's vector). More tokens than vectors is refused (SPEC §5):
     AUTOMATIC1111 would silently drop the words that do not fit.
     """
-    width = token_embedding.shape[1]
-    result = torch.zeros(vectors, width, dtype=torch.float32)
-    if not init_text.strip():
-        return result
-    ids = tokenizer(init_text, add_special_tokens=False).input_ids
+    result = torch.zeros(vectors, token_embedding.shape[1], dtype=torch.float32)
+    ids = init_token_ids(tokenizer, init_text, vectors)
     if not ids:
-        raise TokenError(f"init_text {init_text!r} has no tokens; use a word close to the concept, or \"\" to start from zeros")
-    if len(ids) > vectors:
-        raise TokenError(f"init_text {init_text!r} is {len(ids)} tokens but the embedding has vectors: {vectors}; "
-                         f"raise vectors to {len(ids)} or shorten init_text (AUTOMATIC1111 would drop the words that do not fit)")
+        return result
     source = token_embedding[torch.tensor(ids)].float()
     for i in range(vectors):
         result[i] = source[i * len(ids) // vectors]

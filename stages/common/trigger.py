@@ -25,3 +25,19 @@ def check_trigger(tokenizer, trigger: str, vectors: int) -> None:
         )
     if vectors > PROMPT_TOKEN_BUDGET - 1:
         raise TokenError(f"vectors={vectors} leaves no room in the {PROMPT_TOKEN_BUDGET}-token prompt window; use at most {PROMPT_TOKEN_BUDGET - 1}")
+
+
+def init_token_ids(tokenizer, init_text: str, vectors: int) -> list[int]:
+    """The token ids init_text starts the vectors from ([] for an empty text: zeros), or a TokenError saying why not.
+
+    More tokens than vectors is refused (SPEC §5): AUTOMATIC1111 would silently drop the words that do not fit.
+    """
+    if not init_text.strip():
+        return []
+    ids = tokenizer(init_text, add_special_tokens=False).input_ids
+    if not ids:
+        raise TokenError(f"init_text {init_text!r} has no tokens; use a word close to the concept, or \"\" to start from zeros")
+    if len(ids) > vectors:
+        raise TokenError(f"init_text {init_text!r} is {len(ids)} tokens but the embedding has vectors: {vectors}; "
+                         f"raise vectors to {len(ids)} or shorten init_text (AUTOMATIC1111 would drop the words that do not fit)")
+    return ids

@@ -93,6 +93,10 @@ def tagger_inputs(caption: dict) -> list[str]:
     if "tagger" not in methods:
         return []
     tagger = caption.get("tagger", {})  # a section as written: the schema leaves model and tags empty when unset
-    model = Path(tagger["model"]) if tagger.get("model") else None
-    tags = Path(tagger["tags"]) if tagger.get("tags") else (model.with_name("selected_tags.csv") if model else None)
-    return [str(path) for path in tagger_files(model, tags)]
+    return [str(path) for path in tagger_files(*tagger_paths(tagger.get("model"), tagger.get("tags")))]
+
+
+def tagger_paths(model: str | None, tags: str | None) -> tuple[Path | None, Path | None]:
+    """caption.tagger.model and .tags as paths; tags defaults to selected_tags.csv beside the model, as the taggers ship."""
+    model_path = Path(model) if model else None
+    return model_path, Path(tags) if tags else (model_path.with_name("selected_tags.csv") if model_path else None)
