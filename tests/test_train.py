@@ -34,7 +34,7 @@ def test_embedding_learns_and_lowers_the_loss(trained):
     result, *_ = trained
     vectors = result.embedding.vectors["emb_params"]
     assert vectors.shape == (2, 32)
-    assert not torch.allclose(vectors, result.initial_vectors)  # it moved away from "red toy"
+    assert not torch.allclose(vectors, result.initial_vectors["emb_params"])  # it moved away from "red toy"
     # same noise and timesteps before and after: a fair comparison
     assert result.probe_loss_end < 0.97 * result.probe_loss_start, (result.probe_loss_start, result.probe_loss_end)
 

@@ -93,8 +93,8 @@ def test_init_from_counts_toward_steps_and_continues_the_schedule(demo_prepared,
     assert log.lr.tolist() == a1111_rates(schedule, 6, cur_step=3) == [0.05, 0.01, 0.01]
 
 
-def test_clip_skip_on_sd2_warns_that_automatic1111_ignores_it():
-    for family in ("sd2", "sd2-v"):
+def test_clip_skip_on_sd2_and_sdxl_warns_that_automatic1111_ignores_it():
+    for family in ("sd2", "sd2-v", "sdxl"):
         warning = clip_skip_warning(get_family(family), 2)
         assert warning and "AUTOMATIC1111" in warning and "clip_skip: 1" in warning
         assert clip_skip_warning(get_family(family), 1) is None

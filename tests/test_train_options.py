@@ -58,7 +58,7 @@ def test_each_image_appears_repeats_times_per_pass():
 def test_loss_target_follows_the_family(model, target):
     bundle = load_model(f"builtin:{model}")
     assert bundle.family.prediction_type == target
-    ti = TextualInversion(bundle, "zzqtok", torch.zeros(1, bundle.text_width), clip_skip=1)
+    ti = TextualInversion(bundle, "zzqtok", {"emb_params": torch.zeros(1, bundle.text_width)}, clip_skip=1)
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
     t = torch.tensor([500])
@@ -76,8 +76,8 @@ def test_sd2_trains_with_its_own_padding(demo_prepared, tmp_path):
     settings = TrainSettings.from_schema(name="zzqtok", token="zzqtok", init_text="toy", vectors=3, steps=3, save_every=0, learning_rate=0.05)
     result = train_embedding(bundle, examples, settings, tmp_path)
     assert result.embedding.vectors["emb_params"].shape == (3, 32)
-    assert not torch.allclose(result.embedding.vectors["emb_params"], result.initial_vectors)
-    ids = TextualInversion(load_model("builtin:tiny-sd2"), "zzqtok", torch.zeros(3, 32), clip_skip=1).prompt_ids(["a zzqtok"])[0].tolist()
+    assert not torch.allclose(result.embedding.vectors["emb_params"], result.initial_vectors["emb_params"])
+    ids = TextualInversion(load_model("builtin:tiny-sd2"), "zzqtok", {"emb_params": torch.zeros(3, 32)}, clip_skip=1).prompt_ids(["a zzqtok"])[0][0].tolist()
     # OpenCLIP prompts: <start> a zzqtok zzqtok_1 zzqtok_2 <end>, then "!" (id 0) padding, not <|endoftext|>
     assert ids[:6] == [49406, 320, 49408, 49409, 49410, 49407] and set(ids[6:]) == {0}
 
@@ -125,9 +125,9 @@ def test_init_from_an_existing_embedding_keeps_its_step_count(demo_prepared, tmp
     settings = TrainSettings.from_schema(name="demotok", token="demotok", vectors=2, steps=5, save_every=0, init_from=str(tmp_path / "a" / "demotok.pt"))
     bundle = load_model("builtin:tiny-sd15")
     vectors, step = starting_point(bundle, settings.init_text, settings.init_from, settings.vectors)
-    assert step == 3 and torch.equal(vectors, first.embedding.vectors["emb_params"])
+    assert step == 3 and torch.equal(vectors["emb_params"], first.embedding.vectors["emb_params"])
     second = train_embedding(bundle, examples, settings, tmp_path / "b", start_vectors=vectors, start_step=step)
-    assert torch.equal(second.initial_vectors, vectors) and second.embedding.step == 5 and len(second.losses) == 2
+    assert torch.equal(second.initial_vectors["emb_params"], vectors["emb_params"]) and second.embedding.step == 5 and len(second.losses) == 2
     assert torch.load(tmp_path / "b" / "demotok.pt", weights_only=True)["step"] == 5
     with pytest.raises(ValueError, match="set steps above 3"):  # already trained that far: nothing to do
         train_embedding(load_model("builtin:tiny-sd15"), examples, dataclasses.replace(settings, steps=3), tmp_path / "c",
@@ -144,7 +144,7 @@ def test_exact_speed_options_do_not_change_the_maths(demo_prepared, tmp_path, op
     reference = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings.from_schema(**base), tmp_path / "ref")
     result = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings.from_schema(**base, **options), tmp_path / "opt")
     vectors = result.embedding.vectors["emb_params"]
-    assert vectors.dtype == torch.float32 and not torch.allclose(vectors, result.initial_vectors)
+    assert vectors.dtype == torch.float32 and not torch.allclose(vectors, result.initial_vectors["emb_params"])
     # the same fp32 maths in another order: differences are a few fp32 roundings, far below one training step's change
     torch.testing.assert_close(vectors, reference.embedding.vectors["emb_params"], atol=1e-4, rtol=1e-4)
 
@@ -160,11 +160,11 @@ def test_half_precision_trains_fp32_vectors_in_a_half_precision_model(demo_prepa
     bundle = load_model("builtin:tiny-sd15")
     trainer = Trainer(bundle, examples, settings, RunOutputs(tmp_path, "demotok"), ResumeStore(None))
     assert bundle.unet.dtype == dtype and bundle.text_encoder.dtype == dtype
-    assert trainer.model.vectors.dtype == torch.float32
-    assert torch.equal(trainer.model.vectors.detach(), trainer.model.initial)  # not rounded through the half-precision encoder
+    assert trainer.model.vectors["emb_params"].dtype == torch.float32
+    assert torch.equal(trainer.model.vectors["emb_params"].detach(), trainer.model.initial["emb_params"])  # not rounded through the half-precision encoder
     result = trainer.run()
     vectors = result.embedding.vectors["emb_params"]
     assert vectors.dtype == torch.float32 and torch.isfinite(vectors).all()
     assert all(math.isfinite(loss) for loss in result.losses) and result.skipped_steps == 0
-    moved = (vectors - result.initial_vectors).abs().max().item()
+    moved = (vectors - result.initial_vectors["emb_params"]).abs().max().item()
     assert moved > 0.01  # six AdamW steps at lr 0.05 move a vector by about 0.05 each step whatever the precision

@@ -26,12 +26,16 @@ from stages.cache_latents.settings import CacheSettings
 from stages.cache_latents.store import EntryKey, LatentStore
 from stages.common.files import hash_file, write_csv_atomic, write_text_atomic
 from stages.common.errors import InputError, MissingInput
+from stages.common.size_condition import SizeCondition, size_condition_of_row
 
 __all__ = ["CacheSummary", "NonFiniteLatentsError", "Sample", "cache_latents", "image_to_tensor", "plan_samples"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["image", "flip", "latent_file", "width", "height", "latent_width", "latent_height", "image_sha256"]
+# original_height..crop_left are SDXL's size conditioning (target size = height, width); empty when the
+# preprocess manifest predates its crop_box/bucket columns
+MANIFEST_COLUMNS = ["image", "flip", "latent_file", "width", "height", "latent_width", "latent_height", "image_sha256",
+                    "original_height", "original_width", "crop_top", "crop_left"]
 Progress = Callable[[Iterable, int], Iterable]
 
 
@@ -46,6 +50,7 @@ class Sample:
     image: str  # file name in the preprocess folder
     path: Path
     key: EntryKey
+    size_condition: SizeCondition | None = None  # SDXL's add_time_ids; None when the preprocess manifest lacks the columns
 
 
 @dataclass
@@ -89,11 +94,18 @@ def plan_samples(preprocess_dir: Path, vae_identity: str, flip: bool, dtype: str
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # hashing releases the GIL
         facts = list(pool.map(describe, paths))
     samples = []
-    for name, path, ((width, height), digest) in zip(manifest["output"], paths, facts):
+    for row, path, ((width, height), digest) in zip(manifest.to_dict("records"), paths, facts):
         for flipped in ([False, True] if flip else [False]):
             key = EntryKey(digest, vae_identity, width, height, flipped, dtype, tiles(width, height))
-            samples.append(Sample(name, path, key))
+            samples.append(Sample(row["output"], path, key, _size_condition(row, flipped, manifest_path)))
     return samples
+
+
+def _size_condition(row: dict, flipped: bool, manifest_path: Path) -> SizeCondition | None:
+    try:
+        return size_condition_of_row(row, flipped)
+    except ValueError as error:
+        raise InputError(f"{manifest_path}, the row of {row['output']}: {error}; rerun the preprocess stage to rewrite it") from None
 
 
 def cache_latents(
@@ -182,8 +194,15 @@ def _manifest_table(samples: list[Sample], store: LatentStore, out_dir: Path) ->
         "image": s.image, "flip": s.key.flip, "latent_file": os.path.relpath(store.path(s.key), out_dir),
         "width": s.key.width, "height": s.key.height, "latent_width": s.key.width // 8,
         "latent_height": s.key.height // 8, "image_sha256": s.key.image_sha256,
+        **_condition_cells(s.size_condition),
     } for s in samples]
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def _condition_cells(condition: SizeCondition | None) -> dict[str, int | str]:
+    names = ("original_height", "original_width", "crop_top", "crop_left")
+    # "" rather than None: a None would turn the column into floats ("16.0") in the CSV
+    return dict(zip(names, condition[:4] if condition is not None else ("",) * 4))
 
 
 def _describe_vae_folder(folder: Path, vae: torch.nn.Module) -> None:

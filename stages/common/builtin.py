@@ -43,6 +43,16 @@ class BuiltinSpec:
     text_encoder: dict
     scheduler: dict = field(default_factory=lambda: dict(_SD_SCHEDULER, prediction_type="epsilon"))
     pad_token: str = EOS_TOKEN  # SD2's OpenCLIP tokenizer pads with "!"
+    text_encoder_2: dict | None = None  # SDXL's OpenCLIP bigG (a CLIPTextModelWithProjection)
+    pad_token_2: str = "!"  # the second tokenizer pads as OpenCLIP does
+
+    @property
+    def text_encoder_configs(self) -> dict[str, dict]:
+        """The text encoders by their diffusers component name, in the order the UNet's context concatenates them."""
+        configs = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            configs["text_encoder_2"] = self.text_encoder_2
+        return configs
 
 
 def _unet(channels: tuple[int, ...], cross_dim: int, head_dim: int | tuple, sample_size: int, **extra) -> dict:
@@ -104,6 +114,35 @@ def _sd2_unet(channels: tuple[int, ...], cross_dim: int, head_dims: tuple[int, .
     return _unet(channels, cross_dim, head_dims, sample_size, use_linear_projection=True)
 
 
+def _sdxl_unet(channels: tuple[int, ...], transformer_layers: tuple[int, ...], head_counts: tuple[int, ...], text_width: int,
+               pooled_width: int, time_embed_dim: int) -> dict:
+    # SDXL: no attention in the first level, deeper transformers further down, and the "text_time"
+    # addition embedding: the pooled prompt plus six size numbers, each turned into time_embed_dim features
+    return dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=2,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=transformer_layers,
+        attention_head_dim=head_counts,
+        use_linear_projection=True,
+        cross_attention_dim=text_width,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_width,
+        norm_num_groups=32,
+    )
+
+
+def _openclip_g(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
+    # OpenCLIP ViT-bigG as SDXL's second text encoder: all layers kept (SDXL reads the penultimate
+    # one itself) and a projection whose pooled output the UNet also receives
+    return dict(_clip_l(hidden, layers, heads, intermediate, hidden_act="gelu"), projection_dim=hidden)
+
+
 BUILTIN_MODELS: dict[str, BuiltinSpec] = {
     # a few MB: every test and the demo; same block structure as SD1.5, narrow channels
     "tiny-sd15": BuiltinSpec(
@@ -156,6 +195,25 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
         scheduler=dict(_SD_SCHEDULER, prediction_type="v_prediction"),
         pad_token="!",
     ),
+    # SDXL's structure (3 levels, transformer depth growing downwards, two text encoders, size
+    # conditioning) at toy width: the CLIP-L encoder 32 wide, the bigG one 64, so the UNet's context is 96
+    "tiny-sdxl": BuiltinSpec(
+        family="sdxl",
+        description="SDXL architecture (two text encoders, size conditioning) at toy width",
+        unet=_sdxl_unet((32, 64, 64), transformer_layers=(1, 1, 2), head_counts=(2, 4, 4), text_width=32 + 64, pooled_width=64, time_embed_dim=8),
+        vae=dict(_vae((32, 32, 64, 64), sample_size=1024), scaling_factor=0.13025),
+        text_encoder=_clip_l(hidden=32, layers=2, heads=4, intermediate=64),
+        text_encoder_2=_openclip_g(hidden=64, layers=2, heads=4, intermediate=128),
+    ),
+    # SDXL 1.0 base at full size (2.6B UNet, CLIP-L 123M + OpenCLIP bigG 695M, 84M VAE)
+    "sdxl": BuiltinSpec(
+        family="sdxl",
+        description="Stable Diffusion XL 1.0 base at full size",
+        unet=_sdxl_unet((320, 640, 1280), transformer_layers=(1, 2, 10), head_counts=(5, 10, 20), text_width=768 + 1280, pooled_width=1280, time_embed_dim=256),
+        vae=dict(_vae((128, 256, 512, 512), sample_size=1024), scaling_factor=0.13025, force_upcast=True),
+        text_encoder=_clip_l(hidden=768, layers=12, heads=12, intermediate=3072),
+        text_encoder_2=_openclip_g(hidden=1280, layers=32, heads=20, intermediate=5120),
+    ),
 }
 
 
@@ -188,27 +246,38 @@ def build_builtin_components(name: str, seed: int = 0) -> dict:
     """Instantiate a builtin model's components with weights drawn from `seed` (same seed → same weights)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = BUILTIN_MODELS[name]
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+        text_encoder = text_encoder_class("text_encoder")(text_encoder_config(spec.text_encoder))
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel(**spec.unet)
         _strengthen_text_conditioning(unet)
         torch.manual_seed(seed + 2)
         vae = AutoencoderKL(**spec.vae)
+        components = {"tokenizer": build_clip_tokenizer(pad_token=spec.pad_token), "text_encoder": text_encoder.eval()}
+        if spec.text_encoder_2 is not None:
+            torch.manual_seed(seed + 3)
+            text_encoder_2 = text_encoder_class("text_encoder_2")(text_encoder_config(spec.text_encoder_2))
+            components.update(tokenizer_2=build_clip_tokenizer(pad_token=spec.pad_token_2), text_encoder_2=text_encoder_2.eval())
     finally:
         torch.random.set_rng_state(generator_state)
-    return {
-        "tokenizer": build_clip_tokenizer(pad_token=spec.pad_token),
-        "text_encoder": text_encoder.eval(),
-        "unet": unet.eval(),
-        "vae": vae.eval(),
-        "scheduler": DDPMScheduler(**spec.scheduler),
-    }
+    return dict(components, unet=unet.eval(), vae=vae.eval(), scheduler=DDPMScheduler(**spec.scheduler))
+
+
+def text_encoder_class(component: str):
+    """transformers' class for a text-encoder component: SDXL's second encoder carries a projection."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+
+
+def text_encoder_config(kwargs: dict):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**kwargs)
 
 
 def write_builtin_configs(name: str, folder: Path) -> Path:
@@ -217,7 +286,6 @@ def write_builtin_configs(name: str, folder: Path) -> Path:
     Single-file checkpoints carry no configs; these are what loading one offline needs.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig
 
     spec = BUILTIN_MODELS[name]
     folder.mkdir(parents=True, exist_ok=True)
@@ -225,11 +293,14 @@ def write_builtin_configs(name: str, folder: Path) -> Path:
         (folder / sub).mkdir(exist_ok=True)
         config = dict(kwargs, _class_name=cls.__name__)
         (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "text_encoder").mkdir(exist_ok=True)
-    text_config = CLIPTextConfig(**spec.text_encoder).to_dict()
-    text_config["architectures"] = ["CLIPTextModel"]
-    (folder / "text_encoder" / "config.json").write_text(json.dumps(text_config, indent=2))
+    for component, kwargs in spec.text_encoder_configs.items():
+        (folder / component).mkdir(exist_ok=True)
+        text_config = text_encoder_config(kwargs).to_dict()
+        text_config["architectures"] = [text_encoder_class(component).__name__]
+        (folder / component / "config.json").write_text(json.dumps(text_config, indent=2))
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(spec.scheduler, _class_name="DDPMScheduler"), indent=2))
     write_tokenizer_files(folder / "tokenizer", pad_token=spec.pad_token)
+    if spec.text_encoder_2 is not None:
+        write_tokenizer_files(folder / "tokenizer_2", pad_token=spec.pad_token_2)
     return folder

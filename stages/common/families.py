@@ -12,8 +12,11 @@ from stages.common.errors import InputError
 class TextEncoderSlot:
     """One text encoder of a family and the key its vectors carry in an embedding file."""
 
+    component: str  # the diffusers component name: text_encoder | text_encoder_2 (and tokenizer | tokenizer_2)
     embedding_key: str  # key in {run}.safetensors (AUTOMATIC1111/ComfyUI convention)
     width: int  # hidden size of the full-size encoder; tiny builtins are narrower
+    pad_with_eos: bool  # CLIP-L pads prompts with <|endoftext|>, OpenCLIP with "!" (id 0)
+    pooled: bool = False  # SDXL: this encoder's projected end-of-text state is the UNet's pooled text input
 
 
 @dataclass(frozen=True)
@@ -24,26 +27,29 @@ class Family:
     prediction_type: str  # "epsilon" or "v_prediction": what the UNet is trained to predict
     resolution: int  # native training side in pixels
     vae_scaling_factor: float  # latents are multiplied by this before the UNet sees them
-    pad_with_eos: bool  # SD1 pads prompts with <|endoftext|>, OpenCLIP models with "!" (id 0)
     penultimate_layer: bool  # SDXL conditions on hidden_states[-2] without the final norm
-    a1111_clip_skip: bool  # AUTOMATIC1111/Forge apply the Clip skip setting to this family (not to OpenCLIP SD 2.x)
+    a1111_clip_skip: bool  # AUTOMATIC1111/Forge apply the Clip skip setting to this family (not to SD 2.x or, by default, SDXL)
+    size_conditioning: bool  # SDXL: the UNet also takes add_time_ids (original size, crop, target size) and the pooled prompt
 
 
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
-        Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L/14)", (TextEncoderSlot("emb_params", 768),), "epsilon", 512, 0.18215, True, False, True),
-        Family("sd2", "Stable Diffusion 2.x base (OpenCLIP ViT-H/14, epsilon)", (TextEncoderSlot("emb_params", 1024),), "epsilon", 512, 0.18215, False, False, False),
-        Family("sd2-v", "Stable Diffusion 2.x 768-v (OpenCLIP ViT-H/14, v-prediction)", (TextEncoderSlot("emb_params", 1024),), "v_prediction", 768, 0.18215, False, False, False),
+        Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L/14)", (TextEncoderSlot("text_encoder", "emb_params", 768, True),),
+               "epsilon", 512, 0.18215, False, True, False),
+        Family("sd2", "Stable Diffusion 2.x base (OpenCLIP ViT-H/14, epsilon)", (TextEncoderSlot("text_encoder", "emb_params", 1024, False),),
+               "epsilon", 512, 0.18215, False, False, False),
+        Family("sd2-v", "Stable Diffusion 2.x 768-v (OpenCLIP ViT-H/14, v-prediction)", (TextEncoderSlot("text_encoder", "emb_params", 1024, False),),
+               "v_prediction", 768, 0.18215, False, False, False),
         Family(
             "sdxl",
             "Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG)",
-            (TextEncoderSlot("clip_l", 768), TextEncoderSlot("clip_g", 1280)),
+            (TextEncoderSlot("text_encoder", "clip_l", 768, True), TextEncoderSlot("text_encoder_2", "clip_g", 1280, False, pooled=True)),
             "epsilon",
             1024,
             0.13025,
-            False,
             True,
+            False,
             True,
         ),
     )
@@ -54,9 +60,9 @@ def clip_skip_warning(family: Family, clip_skip: int) -> str | None:
     """What to tell a user whose clip_skip the usual generator will not apply to this family."""
     if clip_skip == 1 or family.a1111_clip_skip:
         return None
-    return (f"model.clip_skip: {clip_skip} on {family.name}: AUTOMATIC1111 and Forge ignore Clip skip for SD 2.x (OpenCLIP) models, "
-            f"so an embedding trained on layer -{clip_skip} will meet another layer there. Keep it only if you generate with "
-            "kohya's scripts or ComfyUI's CLIPSetLastLayer at the same setting; set clip_skip: 1 to train for AUTOMATIC1111")
+    return (f"model.clip_skip: {clip_skip} on {family.name}: AUTOMATIC1111 and Forge ignore Clip skip for {family.description} models, "
+            f"so an embedding trained {clip_skip - 1} layer(s) further from the end will meet another layer there. Keep it only if you "
+            "generate with kohya's scripts or ComfyUI's CLIPSetLastLayer at the same setting; set clip_skip: 1 to train for AUTOMATIC1111")
 
 
 def get_family(name: str) -> Family:

@@ -19,12 +19,15 @@ class LatentExample:
     """
 
     def __init__(self, image: str, mean: torch.Tensor | None = None, logvar: torch.Tensor | None = None, caption: str = "",
-                 image_sha256: str = "", latent_file: Path | None = None, latent_size: tuple[int, int] | None = None):
+                 image_sha256: str = "", latent_file: Path | None = None, latent_size: tuple[int, int] | None = None,
+                 size_condition: tuple[int, int, int, int, int, int] | None = None):
         if (mean is None or logvar is None) and latent_file is None:
             raise InputError(f"{image}: a latent example needs mean and logvar, or the cache file that holds them")
         self.image, self.caption, self.image_sha256, self.latent_file = image, caption, image_sha256, latent_file
         self._mean, self._logvar = mean, logvar
         self._latent_size = latent_size
+        # SDXL's add_time_ids: (original_height, original_width, crop_top, crop_left, target_height, target_width); None when unknown
+        self.size_condition = size_condition
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -78,10 +81,26 @@ def load_examples(latents_dir: Path, captions_dir: Path) -> list[LatentExample]:
             raise MissingInput(f"{latent_path} (listed in {latents_dir / 'manifest.csv'}) is missing; rerun cache_latents")
         size = (int(record.latent_height), int(record.latent_width)) if hasattr(record, "latent_height") else None
         examples.append(LatentExample(record.image, caption=str(caption_of[record.image]),
-                                      image_sha256=str(getattr(record, "image_sha256", "")), latent_file=latent_path, latent_size=size))
+                                      image_sha256=str(getattr(record, "image_sha256", "")), latent_file=latent_path, latent_size=size,
+                                      size_condition=_size_condition(record, latents_dir / "manifest.csv")))
     if not examples:
         raise InputError(f"{latents_dir / 'manifest.csv'} lists no latents; nothing to train on")
     return examples
+
+
+_CONDITION_COLUMNS = ("original_height", "original_width", "crop_top", "crop_left", "height", "width")
+
+
+def _size_condition(record, manifest_path: Path) -> tuple[int, int, int, int, int, int] | None:
+    """SDXL's add_time_ids from the row; None when a manifest from before these columns, or an empty cell, leaves it unknown."""
+    cells = [getattr(record, name, "") for name in _CONDITION_COLUMNS]
+    if any(cell == "" for cell in cells):
+        return None
+    try:
+        return tuple(int(float(cell)) for cell in cells)
+    except ValueError:
+        found = ", ".join(f"{name} {cell!r}" for name, cell in zip(_CONDITION_COLUMNS, cells))
+        raise InputError(f"{manifest_path}: the row of {record.image} has a size that is not a whole number ({found}); rerun cache_latents") from None
 
 
 def split_validation(examples: list[LatentExample], fraction: float) -> tuple[list[LatentExample], list[LatentExample]]:

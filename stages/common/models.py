@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from stages.common.builtin import BUILTIN_MODELS, build_builtin_components, parse_builtin_name
-from stages.common.families import Family, get_family
+from stages.common.families import Family, TextEncoderSlot, get_family
 from stages.common.errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,25 @@ class ModelBundle:
     scheduler: object
     identity: str  # names this exact model (weights included) for caches and embedding files
     display_name: str
+    tokenizer_2: object = None  # SDXL's second (OpenCLIP bigG) tokenizer and text encoder
+    text_encoder_2: torch.nn.Module | None = None
+
+    def encoder_slots(self) -> list[tuple[TextEncoderSlot, object, torch.nn.Module]]:
+        """(family slot, tokenizer, text encoder) for each text encoder, in the order the UNet's context joins them."""
+        return [(slot, getattr(self, slot.component.replace("text_encoder", "tokenizer")), getattr(self, slot.component))
+                for slot in self.family.text_encoders]
+
+    @property
+    def text_widths(self) -> tuple[int, ...]:
+        return tuple(encoder.get_input_embeddings().weight.shape[1] for _, _, encoder in self.encoder_slots())
 
     @property
     def text_width(self) -> int:
-        return self.text_encoder.get_input_embeddings().weight.shape[1]
+        return self.text_widths[0]
+
+    @property
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae] + [encoder for _, _, encoder in self.encoder_slots()]
 
 
 def _freeze(*modules: torch.nn.Module) -> None:
@@ -55,7 +70,7 @@ def fingerprint_file(path: Path, sample: int = 1 << 20) -> str:
 
 def _detect_folder_family(folder: Path) -> str:
     index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").exists() else {}
-    if "text_encoder_2" in index:
+    if "text_encoder_2" in index or (folder / "text_encoder_2").is_dir():
         return "sdxl"
     text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
@@ -65,20 +80,27 @@ def _detect_folder_family(folder: Path) -> str:
     return "sd1"
 
 
-def _load_diffusers_folder(folder: Path) -> dict:
+def _load_diffusers_folder(folder: Path, family: str) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / sub).is_dir()]
+    from stages.common.builtin import text_encoder_class
+
+    encoders = [slot.component for slot in get_family(family).text_encoders]
+    needed = ["unet", "vae"] + [sub for component in encoders for sub in (component, component.replace("text_encoder", "tokenizer"))]
+    missing = [sub for sub in needed if not (folder / sub).is_dir()]
     if missing:
-        raise InputError(f"model.path: {folder} is not a diffusers model folder: missing {', '.join(missing)}/")
-    return {
-        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
-        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True),
+        raise InputError(f"model.path: {folder} is not a diffusers {family} model folder: missing {', '.join(missing)}/")
+    components = {
         "unet": UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True),
         "vae": AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True),
         "scheduler": DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True),
     }
+    for component in encoders:
+        tokenizer = component.replace("text_encoder", "tokenizer")
+        components[tokenizer] = CLIPTokenizer.from_pretrained(folder / tokenizer, local_files_only=True)
+        components[component] = text_encoder_class(component).from_pretrained(folder / component, local_files_only=True)
+    return components
 
 
 def model_identity(path: str) -> str:
@@ -105,8 +127,8 @@ def load_model(path: str, family: str = "auto") -> ModelBundle:
         if not target.exists():
             raise MissingInput(f"model.path: {target} does not exist; give a diffusers folder, a .safetensors/.ckpt file or builtin:tiny-sd15")
         if target.is_dir():
-            components = _load_diffusers_folder(target)
             detected = _detect_folder_family(target)
+            components = _load_diffusers_folder(target, detected)
         elif target.suffix.lower() in SINGLE_FILE_SUFFIXES:
             from stages.common.checkpoint_layout import load_original_checkpoint
 
@@ -120,7 +142,7 @@ def load_model(path: str, family: str = "auto") -> ModelBundle:
     family_row = get_family(chosen)
     if family_row.prediction_type != components["scheduler"].config.prediction_type:
         components["scheduler"].register_to_config(prediction_type=family_row.prediction_type)
-    _freeze(components["text_encoder"], components["unet"], components["vae"])
+    _freeze(*(module for name, module in components.items() if name.startswith(("text_encoder", "unet", "vae"))))
     return ModelBundle(
         family=family_row,
         identity=model_identity(path),

@@ -19,7 +19,7 @@ from stages.common.models import ModelBundle
 from stages.common.prompts import build_prompt
 from stages.common.tokens import (
     add_placeholder_tokens,
-    encode_prompt_ids,
+    encode_text,
     expand_trigger,
     initial_vectors,
     install_trainable_embedding,
@@ -27,20 +27,21 @@ from stages.common.tokens import (
 )
 
 
-def starting_point(bundle: ModelBundle, init_text: str, init_from: str | None, vectors: int) -> tuple[torch.Tensor, int]:
-    """(the vectors an embedding starts from, the step count it carries): init_from's file, else init_text's tokens.
+def starting_point(bundle: ModelBundle, init_text: str, init_from: str | None, vectors: int) -> tuple[dict[str, torch.Tensor], int]:
+    """(the vectors an embedding starts from, by embedding key, and the step count it carries).
 
-    Call before the run's token is installed: init_text is looked up in the model's own vocabulary.
+    init_from's file, else init_text's tokens looked up in each text encoder's own vocabulary
+    (SDXL's two encoders each start from their own rows for the same words). Call before the
+    run's token is installed.
     """
     if not init_from:
-        base_weight = bundle.text_encoder.get_input_embeddings().weight.detach()
-        return initial_vectors(bundle.tokenizer, base_weight, init_text, vectors), 0
+        return {slot.embedding_key: initial_vectors(tokenizer, encoder.get_input_embeddings().weight.detach(), init_text, vectors)
+                for slot, tokenizer, encoder in bundle.encoder_slots()}, 0
     # any format tiflow reads; a width that does not fit names both widths and the file's family
-    embedding = read_embedding_for_model(init_from, bundle.family, (bundle.text_width,))
-    start = embedding.vectors[bundle.family.text_encoders[0].embedding_key]
-    if start.shape[0] != vectors:
-        raise InputError(f"train.init_from: {init_from} has {start.shape[0]} vectors; set vectors: {start.shape[0]} for this run")
-    return start.float(), embedding.step
+    embedding = read_embedding_for_model(init_from, bundle.family, bundle.text_widths)
+    if embedding.vector_count != vectors:
+        raise InputError(f"train.init_from: {init_from} has {embedding.vector_count} vectors; set vectors: {embedding.vector_count} for this run")
+    return {key: tensor.float() for key, tensor in embedding.vectors.items()}, embedding.step
 
 
 def pick_device() -> torch.device:
@@ -53,55 +54,115 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+@dataclass(frozen=True)
+class PromptConditioning:
+    """What the UNet takes from a prompt: the cross-attention context, and for SDXL the pooled text embedding."""
+
+    context: torch.Tensor  # [batch, 77, width]: the text encoders' hidden states side by side
+    pooled: torch.Tensor | None = None  # [batch, projection]: SDXL's second encoder, projected
+
+    def unet_inputs(self, dtype: torch.dtype, time_ids: torch.Tensor | None) -> dict:
+        """The keyword arguments a UNet2DConditionModel call takes for this conditioning."""
+        inputs = {"encoder_hidden_states": self.context.to(dtype)}
+        if self.pooled is not None:
+            inputs["added_cond_kwargs"] = {"text_embeds": self.pooled.to(dtype), "time_ids": time_ids.to(self.pooled.device, dtype)}
+        return inputs
+
+
+def size_time_ids(sizes: list[tuple[int, ...] | None], latent_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL's add_time_ids [batch, 6]: (original h, w, crop top, left, target h, w) per image.
+
+    An example without a recorded size condition counts as uncropped at its own size.
+    """
+    height, width = latent_size[0] * 8, latent_size[1] * 8
+    return torch.tensor([list(size) if size is not None else [height, width, 0, 0, height, width] for size in sizes], dtype=torch.float32)
+
+
 class TextualInversion:
     """The frozen model plus the embedding's trainable vectors, and the loss that trains them.
 
-    Train optimises `vectors` through `loss`; evaluate swaps checkpoints' vectors in and measures
-    the same loss. The token gets new rows in the tokenizer and text encoder; nothing else of the
-    model changes.
+    Train optimises `parameters` through `loss`; evaluate swaps checkpoints' vectors in and measures
+    the same loss. The token gets new rows in each tokenizer and text encoder of the family (SDXL:
+    both); nothing else of the model changes.
     """
 
-    def __init__(self, bundle: ModelBundle, token: str, start_vectors: torch.Tensor, clip_skip: int):
-        self.bundle, self.token, self.vector_count, self.clip_skip = bundle, token, start_vectors.shape[0], clip_skip
-        self.token_ids = add_placeholder_tokens(bundle.tokenizer, token, self.vector_count)
-        self.initial = start_vectors.float()
-        self.embedding = install_trainable_embedding(bundle.text_encoder, self.initial)
-        self._ids_cache: dict[str, torch.Tensor] = {}
+    def __init__(self, bundle: ModelBundle, token: str, start_vectors: dict[str, torch.Tensor], clip_skip: int):
+        self.bundle, self.token, self.clip_skip = bundle, token, clip_skip
+        self.slots = bundle.encoder_slots()
+        keys = [slot.embedding_key for slot, _, _ in self.slots]
+        if sorted(start_vectors) != sorted(keys):
+            raise InputError(f"start vectors for {', '.join(sorted(start_vectors))}, but a {bundle.family.name} model takes {', '.join(keys)}")
+        self.initial = {key: start_vectors[key].float() for key in keys}
+        self.vector_count = self.initial[keys[0]].shape[0]
+        self.token_ids = {slot.embedding_key: add_placeholder_tokens(tokenizer, token, self.vector_count) for slot, tokenizer, _ in self.slots}
+        self.embeddings = {slot.embedding_key: install_trainable_embedding(encoder, self.initial[slot.embedding_key])
+                           for slot, _, encoder in self.slots}
+        self._ids_cache: dict[str, list[torch.Tensor]] = {}
 
     @property
-    def vectors(self) -> torch.nn.Parameter:
-        return self.embedding.new_vectors
+    def vectors(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable rows by embedding key (emb_params, or clip_l and clip_g)."""
+        return {key: embedding.new_vectors for key, embedding in self.embeddings.items()}
 
-    def prompt_ids(self, prompts: list[str]) -> torch.Tensor:
-        rows = []
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.vectors.values())
+
+    @property
+    def device(self) -> torch.device:
+        return self.parameters[0].device
+
+    def prompt_ids(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids [batch, 77] per text encoder, each padded by its own tokenizer's rule."""
         for prompt in prompts:
             if prompt not in self._ids_cache:
                 expanded = expand_trigger(prompt, self.token, self.vector_count)
-                self._ids_cache[prompt] = tokenize_prompts(self.bundle.tokenizer, [expanded], self.bundle.family.pad_with_eos)[0]
-            rows.append(self._ids_cache[prompt])
-        return torch.stack(rows).to(self.vectors.device)
+                self._ids_cache[prompt] = [tokenize_prompts(tokenizer, [expanded], slot.pad_with_eos)[0] for slot, tokenizer, _ in self.slots]
+        return [torch.stack([self._ids_cache[p][index] for p in prompts]).to(self.device) for index in range(len(self.slots))]
+
+    def conditioning(self, prompts: list[str]) -> PromptConditioning:
+        hidden, pooled = [], None
+        for (slot, tokenizer, encoder), ids in zip(self.slots, self.prompt_ids(prompts)):
+            state, projected = encode_text(encoder, ids, self.clip_skip, self.bundle.family.penultimate_layer,
+                                                 pooled_eos_id=tokenizer.eos_token_id if slot.pooled else None)
+            hidden.append(state)
+            pooled = projected if slot.pooled else pooled
+        return PromptConditioning(torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0], pooled)
 
     def context(self, prompts: list[str]) -> torch.Tensor:
-        return encode_prompt_ids(self.bundle.text_encoder, self.prompt_ids(prompts), self.clip_skip, self.bundle.family.penultimate_layer)
+        return self.conditioning(prompts).context
 
-    def loss(self, latents: torch.Tensor, prompts: list[str], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Denoising loss for a batch: add noise → predict it from the prompt → mean squared error."""
+    def loss(self, latents: torch.Tensor, prompts: list[str], noise: torch.Tensor, timesteps: torch.Tensor,
+             sizes: list[tuple[int, ...] | None] | None = None) -> torch.Tensor:
+        """Denoising loss for a batch: add noise → predict it from the prompt → mean squared error.
+
+        `sizes` are the images' SDXL size conditions (LatentExample.size_condition); other families ignore them.
+        """
         scheduler = self.bundle.scheduler
         latents = latents * self.bundle.family.vae_scaling_factor  # the UNet works on scaled latents
         noisy = scheduler.add_noise(latents, noise, timesteps)  # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
         unet = self.bundle.unet
-        prediction = unet(noisy.to(unet.dtype), timesteps, self.context(prompts).to(unet.dtype)).sample
+        time_ids = size_time_ids(sizes or [None] * len(prompts), tuple(latents.shape[-2:])) if self.bundle.family.size_conditioning else None
+        prediction = unet(noisy.to(unet.dtype), timesteps, **self.conditioning(prompts).unet_inputs(unet.dtype, time_ids)).sample
         if self.bundle.family.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)  # v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
         else:
             target = noise  # eps-prediction
         return F.mse_loss(prediction.float(), target.float())
 
+    def load_vectors(self, vectors: dict[str, torch.Tensor], source: str) -> None:
+        """Put an embedding's (or a saved state's) vectors in place of the trainable rows."""
+        for key, parameter in self.vectors.items():
+            if key not in vectors or vectors[key].shape != parameter.shape:
+                got = tuple(vectors[key].shape) if key in vectors else "nothing"
+                raise InputError(f"{source}: {key} is {got}, but the run's vectors are {tuple(parameter.shape)}; "
+                                 "it comes from another training (other vectors or model); rerun train")
+            with torch.no_grad():
+                parameter.copy_(vectors[key])
+
     def current_embedding(self, name: str, step: int) -> Embedding:
-        return Embedding.from_tensors(
-            name, self.bundle.family, [self.vectors.detach()],
-            step=step, checkpoint_hash=self.bundle.identity, checkpoint_name=self.bundle.display_name,
-        )
+        return Embedding(name, {key: vector.detach().float().cpu().contiguous() for key, vector in self.vectors.items()},
+                         step=step, checkpoint_hash=self.bundle.identity, checkpoint_name=self.bundle.display_name)
 
 
 def use_deterministic_kernels(enabled: bool, device: torch.device) -> None:
@@ -137,7 +198,7 @@ def prepare_modules(bundle: ModelBundle, options: ComputeOptions, device: torch.
     """Move the frozen modules to the device in the chosen precision and apply the speed options."""
     use_deterministic_kernels(options.deterministic, device)
     dtype = resolve_precision(options.precision, device)
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+    for module in bundle.frozen_modules:
         module.to(device)
         if module.dtype != dtype:
             module.to(dtype=dtype)
@@ -172,9 +233,10 @@ def probe_prompts(template: list[str] | None, examples: list[LatentExample], tok
 @torch.no_grad()
 def probe_loss(model: TextualInversion, examples: list[LatentExample], probe, prompts: list[str]) -> float:
     picks, noise, timesteps = probe
-    device = model.vectors.device
+    device = model.device
     total = 0.0
     for index, i in enumerate(picks):
         latents = examples[i].mean[None].to(device)
-        total += model.loss(latents, [prompts[i]], noise[index][None].to(device), timesteps[index : index + 1].to(device)).item()
+        total += model.loss(latents, [prompts[i]], noise[index][None].to(device), timesteps[index : index + 1].to(device),
+                            [examples[i].size_condition]).item()
     return total / len(picks)

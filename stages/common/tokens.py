@@ -82,14 +82,33 @@ def install_trainable_embedding(text_encoder: nn.Module, new_vectors: torch.Tens
 
 
 def encode_prompt_ids(text_encoder: nn.Module, input_ids: torch.Tensor, clip_skip: int = 1, penultimate: bool = False) -> torch.Tensor:
-    """The UNet's cross-attention context for token ids, with AUTOMATIC1111's clip-skip rule.
+    """The UNet's cross-attention context for token ids (see encode_text)."""
+    return encode_text(text_encoder, input_ids, clip_skip, penultimate)[0]
 
-    clip_skip=N takes the N-th layer from the end and applies the final layer norm (as
-    AUTOMATIC1111 does for SD1); SDXL-style models take hidden_states[-2] without the norm.
+
+def encode_text(text_encoder: nn.Module, input_ids: torch.Tensor, clip_skip: int = 1, penultimate: bool = False,
+                pooled_eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states the UNet attends to, pooled projection or None) for token ids.
+
+    SD1/SD2 (AUTOMATIC1111's clip-skip rule): clip_skip=N takes the N-th layer from the end and
+    applies the final layer norm. SDXL (`penultimate`) takes the layer before that, without the
+    norm: hidden_states[-2] at clip_skip 1. With `pooled_eos_id`, also the projected end-of-text
+    state (SDXL's pooled prompt), found at the first end-of-text token: transformers' own pooling
+    takes the highest token id when a config has the legacy eos_token_id 2, which is a new token's.
     """
-    if clip_skip == 1 and not penultimate:
-        return text_encoder(input_ids).last_hidden_state
+    outer = getattr(text_encoder, "text_model", text_encoder)  # CLIPTextModelWithProjection keeps a text_model level
+    if clip_skip == 1 and not penultimate and pooled_eos_id is None:
+        return text_encoder(input_ids).last_hidden_state, None
     output = text_encoder(input_ids, output_hidden_states=True)
     if penultimate:
-        return output.hidden_states[-2]
-    return text_encoder.final_layer_norm(output.hidden_states[-clip_skip])
+        hidden = output.hidden_states[-1 - clip_skip]
+    elif clip_skip == 1:
+        hidden = output.last_hidden_state
+    else:
+        hidden = outer.final_layer_norm(output.hidden_states[-clip_skip])
+    if pooled_eos_id is None:
+        return hidden, None
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    eos_positions = (input_ids == pooled_eos_id).int().argmax(dim=-1)
+    pooled = output.last_hidden_state[rows, eos_positions]  # last_hidden_state has the final norm, as CLIP pools it
+    return hidden, text_encoder.text_projection(pooled)

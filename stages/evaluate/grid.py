@@ -1,27 +1,26 @@
 """Sample grids for a trained embedding: prompts × seeds, or checkpoints × seeds."""
 from __future__ import annotations
 
-import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
 from stages.common.sampling import sample_image
+from stages.common.textual_inversion import PromptConditioning
 
 LABEL_HEIGHT = 18
 
 
 def render_samples(
-    pipeline: StableDiffusionPipeline,
-    contexts: list[torch.Tensor],
-    negative: torch.Tensor,
+    pipeline: DiffusionPipeline,
+    prompts: list[PromptConditioning],
+    negative: PromptConditioning,
     seeds: list[int],
     size: tuple[int, int],
     steps: int,
     guidance_scale: float,
 ) -> list[list[Image.Image]]:
-    """One image per (prompt context, seed): rows are prompts, columns are seeds."""
-    return [[sample_image(pipeline, seed, size, steps, guidance_scale, prompt_embeds=context, negative_prompt_embeds=negative)
-             for seed in seeds] for context in contexts]
+    """One image per (prompt, seed): rows are prompts, columns are seeds."""
+    return [[sample_image(pipeline, seed, size, steps, guidance_scale, prompt, negative) for seed in seeds] for prompt in prompts]
 
 
 def compose_grid(rows: list[list[Image.Image]], row_labels: list[str], seeds: list[int]) -> Image.Image:

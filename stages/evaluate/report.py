@@ -100,9 +100,9 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     pipeline = build_pipeline(bundle)
     prompts = [p.replace("[name]", run.token) for p in section["prompts"]]
     seeds, render = section["seeds"], (size, section["steps"], section["guidance_scale"])
-    negative = model.context([""])
+    negative = model.conditioning([""])
     model.use(embeddings[final.step], final.source)
-    rows = render_samples(pipeline, [model.context([p]) for p in prompts], negative, seeds, *render)
+    rows = render_samples(pipeline, [model.conditioning([p]) for p in prompts], negative, seeds, *render)
     save_png(compose_grid(rows, prompts, seeds), out_dir / "grid.png")
 
     shown = spread_steps(sorted(embeddings), section["checkpoint_grid"], best)
@@ -110,7 +110,7 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     for label, embedding in ([("start", start_embedding)] if shown else []) + [
             (f"step {step}{' (best)' if step == best else ''}", embeddings[step]) for step in shown]:  # short: cells can be 64 px
         model.use(embedding, label)
-        rows += render_samples(pipeline, [model.context(prompts[:1])], negative, seeds, *render)
+        rows += render_samples(pipeline, [model.conditioning(prompts[:1])], negative, seeds, *render)
         labels.append(label)
     if rows:
         save_png(compose_grid(rows, labels, seeds), out_dir / "checkpoints.png")

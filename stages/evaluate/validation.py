@@ -41,7 +41,7 @@ def starting_checkpoint(bundle: ModelBundle, run: str, init_text: str, init_from
     """
     start, step = core.starting_point(bundle, init_text, init_from, vectors)
     source = f"init_from {init_from}" if init_from else f"init_text {init_text!r}"
-    return Checkpoint(step, source, is_start=True), Embedding.from_tensors(run, bundle.family, [start], step=step)
+    return Checkpoint(step, source, is_start=True), Embedding(run, start, step=step)
 
 
 def load_checkpoints(bundle: ModelBundle, train_dir: Path, run: str) -> list[tuple[Checkpoint, Embedding]]:
@@ -60,7 +60,7 @@ def load_checkpoints(bundle: ModelBundle, train_dir: Path, run: str) -> list[tup
 
 
 def _read_checked(bundle: ModelBundle, path: Path) -> Embedding:
-    return read_embedding_for_model(path, bundle.family, (bundle.text_width,))
+    return read_embedding_for_model(path, bundle.family, bundle.text_widths)
 
 
 class CheckpointModel:
@@ -71,23 +71,21 @@ class CheckpointModel:
     """
 
     def __init__(self, bundle: ModelBundle, first: Embedding, token: str, template: str, clip_skip: int):
-        self.key = first.encoder_keys[0]
-        self.model = core.TextualInversion(bundle, token, first.vectors[self.key], clip_skip)
+        self.model = core.TextualInversion(bundle, token, first.vectors, clip_skip)
         core.prepare_modules(bundle, core.ComputeOptions.plain("auto"), core.pick_device())
-        self.model.vectors.data = self.model.vectors.data.to(device=core.pick_device(), dtype=torch.float32)
+        for vectors in self.model.parameters:
+            vectors.data = vectors.data.to(device=core.pick_device(), dtype=torch.float32)
         self.token, self.template = token, load_template(template)
 
     def use(self, embedding: Embedding, source: str) -> None:
-        vectors = embedding.vectors[self.key]
-        if vectors.shape != self.model.vectors.shape:
-            raise EmbeddingError(f"{source}: {vectors.shape[0]} vectors, but the run's first checkpoint has "
-                                 f"{self.model.vectors.shape[0]}; the run's folder mixes two trainings, rerun train")
-        with torch.no_grad():
-            self.model.vectors.copy_(vectors)
+        if embedding.vector_count != self.model.vector_count:
+            raise EmbeddingError(f"{source}: {embedding.vector_count} vectors, but the run's first checkpoint has "
+                                 f"{self.model.vector_count}; the run's folder mixes two trainings, rerun train")
+        self.model.load_vectors(embedding.vectors, source)
 
     @torch.no_grad()
-    def context(self, prompts: list[str]) -> torch.Tensor:
-        return self.model.context(prompts)
+    def conditioning(self, prompts: list[str]) -> core.PromptConditioning:
+        return self.model.conditioning(prompts)
 
 
 def score_checkpoints(
@@ -106,9 +104,14 @@ def score_checkpoints(
     for checkpoint, embedding in (progress(scored) if progress else scored):
         model.use(embedding, checkpoint.source)
         rows.append({"step": checkpoint.step, "val_loss": core.probe_loss(model.model, examples, probe, prompts),
-                     "vector_norm": float(embedding.vectors[model.key].norm(dim=1).mean()),
+                     "vector_norm": vector_norm(embedding),
                      "start": checkpoint.is_start, "file": checkpoint.source})
     return pd.DataFrame(rows, columns=VAL_LOSS_COLUMNS)
+
+
+def vector_norm(embedding: Embedding) -> float:
+    """The mean vector length, over every text encoder's vectors (SDXL: clip_l and clip_g)."""
+    return float(torch.cat([vectors.norm(dim=1) for vectors in embedding.vectors.values()]).mean())
 
 
 def best_step(table: pd.DataFrame) -> int:

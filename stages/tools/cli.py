@@ -26,8 +26,8 @@ def _inspect(args: argparse.Namespace) -> int:
         from stages.common.models import load_model
 
         bundle = load_model(args.model)
-        check_embedding_fits(file.embedding, bundle.family, (bundle.text_width,), str(args.file))
-        lines.append(f"fits:       {args.model} ({bundle.family.name}, text width {bundle.text_width})")
+        check_embedding_fits(file.embedding, bundle.family, bundle.text_widths, str(args.file))
+        lines.append(f"fits:       {args.model} ({bundle.family.name}, text width {' + '.join(map(str, bundle.text_widths))})")
     print("\n".join(lines))
     return 0
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiflow", description="tiflow tools. The pipeline itself runs with `make run` (snakemake).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export = commands.add_parser("export-model", help="write a builtin random-weight model as a diffusers folder or an original-layout .safetensors file")
-    export.add_argument("model", help="builtin:<name>, e.g. builtin:tiny-sd15")
+    export.add_argument("model", help="builtin:<name>, e.g. builtin:tiny-sd15, builtin:tiny-sd2-v or builtin:tiny-sdxl (SD1.x, SD2.x and SDXL)")
     export.add_argument("folder", nargs="?", type=Path, help="diffusers folder to create")
     export.add_argument("--single-file", type=Path, help="also (or only) write one .safetensors file in the original Stable Diffusion key layout")
     export.add_argument("--half", action="store_true", help="store the single file in fp16")

@@ -36,13 +36,13 @@ from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # the resume state's layout; another version starts over instead of failing
+STATE_VERSION = 3  # the resume state's layout (3: vectors by embedding key); another version starts over instead of failing
 
 
 @dataclass
 class TrainResult:
     embedding: Embedding
-    initial_vectors: torch.Tensor
+    initial_vectors: dict[str, torch.Tensor]  # by embedding key, as Embedding.vectors
     losses: list[float] = field(default_factory=list)
     probe_loss_start: float = float("nan")  # loss on fixed noise and timesteps, before the first step
     probe_loss_end: float = float("nan")  # the same after the last step: comparable, unlike step losses
@@ -58,7 +58,7 @@ class Trainer:
     """One run: its random streams, optimizer and counters, all restorable from the resume store."""
 
     def __init__(self, bundle: ModelBundle, examples: list[LatentExample], settings: TrainSettings, outputs: RunOutputs,
-                 store: ResumeStore, start_vectors: torch.Tensor | None = None, start_step: int = 0):
+                 store: ResumeStore, start_vectors: dict[str, torch.Tensor] | None = None, start_step: int = 0):
         self.bundle, self.examples, self.settings, self.outputs, self.store = bundle, examples, settings, outputs, store
         self.device = pick_device()
         if start_vectors is None:  # no init_from read by the caller: init_text's words (or init_from's file)
@@ -66,10 +66,11 @@ class Trainer:
         self.model = TextualInversion(bundle, settings.token, start_vectors, settings.clip_skip)
         options = ComputeOptions(settings.precision, settings.gradient_checkpointing, settings.channels_last, settings.compile, settings.deterministic)
         self.dtype = prepare_modules(bundle, options, self.device)
-        # the frozen encoder may now be fp16/bf16, which rounded the vectors it holds; the trained
+        # the frozen encoders may now be fp16/bf16, which rounded the vectors they hold; the trained
         # vectors stay fp32 (the master copy) and start from the unrounded starting vectors
-        self.model.vectors.data = self.model.initial.detach().clone().to(device=self.device, dtype=torch.float32)
-        self.optimizer = build_optimizer([self.model.vectors], settings.optimizer, settings.weight_decay, self.device)
+        for key, vectors in self.model.vectors.items():
+            vectors.data = self.model.initial[key].detach().clone().to(device=self.device, dtype=torch.float32)
+        self.optimizer = build_optimizer(self.model.parameters, settings.optimizer, settings.weight_decay, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.rate = LearningRate(settings.learning_rate, settings.lr_scheduler, settings.lr_warmup_steps, settings.steps, start_step)
         if self.rate.steps_to_take <= 0:
@@ -94,7 +95,7 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "step": self.step, "base_step": self.base_step, "skipped": self.skipped, "vectors": self.model.vectors.detach().cpu(),
+            "step": self.step, "base_step": self.base_step, "skipped": self.skipped, "vectors": {key: v.detach().cpu() for key, v in self.model.vectors.items()},
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "order": self.order.state_dict(),
             "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate(),
             "log_rows": self.log_rows, "probe_start": self.probe_start, "settings": asdict(self.settings),
@@ -102,8 +103,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            self.model.vectors.copy_(state["vectors"])
+        self.model.load_vectors(state["vectors"], str(self.store.path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.order.load_state_dict(state["order"])
@@ -121,7 +121,7 @@ class Trainer:
         self.store.save(self.state_dict())
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def _batch(self) -> tuple[torch.Tensor, list[str]]:
+    def _batch(self) -> tuple[torch.Tensor, list[str], list]:
         indices = self.order.next_batch()  # all of one latent size
         latents = torch.stack([
             sample_latent(self.examples[i], self.settings.latent_sampling, self.generator,
@@ -134,7 +134,7 @@ class Trainer:
             caption = augment_caption(self.examples[i].caption, self.caption_rng, s.shuffle_tags, s.keep_tokens, s.tag_dropout, s.caption_dropout)
             line = self.caption_rng.choice(self.template) if self.template else None
             prompts.append(build_prompt(line, caption, s.token))
-        return latents, prompts
+        return latents, prompts, [self.examples[i].size_condition for i in indices]
 
     def train_step(self) -> float:
         """Accumulate gradients over grad_accum batches, then one optimizer step. Returns the loss (NaN if skipped)."""
@@ -144,21 +144,21 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
         step_loss = 0.0
         for _ in range(self.settings.grad_accum):
-            latents, prompts = self._batch()
+            latents, prompts, sizes = self._batch()
             noise = torch.randn(latents.shape, generator=self.generator)  # eps ~ N(0, I)
             timesteps = torch.randint(0, self.bundle.scheduler.config.num_train_timesteps, (len(prompts),), generator=self.generator)
             with autocast:
-                loss = self.model.loss(latents.to(self.device), prompts, noise.to(self.device), timesteps.to(self.device))
+                loss = self.model.loss(latents.to(self.device), prompts, noise.to(self.device), timesteps.to(self.device), sizes)
             self.scaler.scale(loss / self.settings.grad_accum).backward()
             step_loss += loss.item() / self.settings.grad_accum
         self.scaler.unscale_(self.optimizer)
-        grad = self.model.vectors.grad
-        if not math.isfinite(step_loss) or (grad is not None and not torch.isfinite(grad).all() and not self.scaler.is_enabled()):
+        grads = [v.grad for v in self.model.parameters if v.grad is not None]
+        if not math.isfinite(step_loss) or (not all(torch.isfinite(g).all() for g in grads) and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()  # closes this step for the loss scaler (and lowers its scale); without it the next unscale_ fails
             return float("nan")
         if self.settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([self.model.vectors], self.settings.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters, self.settings.max_grad_norm)
         self.scaler.step(self.optimizer)  # with fp16 loss scaling, an overflowed step is skipped here
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -222,7 +222,7 @@ def train_embedding(
     settings: TrainSettings,
     out_dir: Path,
     state_dir: Path | None = None,
-    start_vectors: torch.Tensor | None = None,
+    start_vectors: dict[str, torch.Tensor] | None = None,
     start_step: int = 0,
     reporter=None,
     preview=None,
