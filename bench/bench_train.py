@@ -6,7 +6,8 @@ encoder forward/backward, prompt handling and logging; the target is within 10%.
 
 Speed: the two loops alternate step by step in one process on the same UNet, so background
 load on a shared machine hits both alike. Peak memory: each loop in its own process. Usage:
-    python bench/bench_train.py [--models tiny-sd15 small-sd15] [--size 512] [--batch 1] [--steps 20]
+    python bench/bench_train.py [--models tiny-sd15 small-sd15 tiny-sdxl] [--size 512] [--batch 1] [--steps 20]
+Full SDXL on a GPU: python bench/bench_train.py --models sdxl --size 1024 --steps 10 --options precision=bf16 gradient_checkpointing
 """
 from __future__ import annotations
 
@@ -31,16 +32,24 @@ def _examples(count: int, latent_side: int):
                           torch.full((4, latent_side, latent_side), -6.0), "a red toy on a green background") for i in range(count)]
 
 
-def bare_loop(unet, scheduler, text_width: int, batch: int, size: int, device):
-    """One step of the floor any TI trainer can reach: frozen UNet forward+backward into a trainable context, AdamW."""
-    context = torch.nn.Parameter(torch.randn(batch, 77, text_width, device=device) * 0.1)
+def bare_loop(unet, scheduler, batch: int, size: int, device):
+    """One step of the floor any TI trainer can reach: frozen UNet forward+backward into a trainable context, AdamW.
+
+    SDXL's UNet also takes a pooled text embedding and size ids; the bare loop gives it fixed ones.
+    """
+    context = torch.nn.Parameter(torch.randn(batch, 77, unet.config.cross_attention_dim, device=device) * 0.1)
     optimizer = torch.optim.AdamW([context], lr=1e-3)
     latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled_width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled_width, device=device, dtype=unet.dtype),
+                                      "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=unet.dtype)}
 
     def step() -> None:
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch,), device=device)
-        prediction = unet(scheduler.add_noise(latents, noise, t).to(unet.dtype), t, context.to(unet.dtype)).sample
+        prediction = unet(scheduler.add_noise(latents, noise, t).to(unet.dtype), t, context.to(unet.dtype), **extra).sample
         torch.nn.functional.mse_loss(prediction.float(), noise).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -56,7 +65,7 @@ def measure_bare(model: str, size: int, batch: int, warmup: int, steps: int) -> 
     bundle = load_model(f"builtin:{model}")
     device = pick_device()  # where tiflow would train, in the dtype precision: auto gives it
     unet, scheduler = bundle.unet.to(device, resolve_precision("auto", device)), bundle.scheduler
-    bare_step = bare_loop(unet, scheduler, bundle.text_width, batch, size, device)
+    bare_step = bare_loop(unet, scheduler, batch, size, device)
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
@@ -104,7 +113,7 @@ def measure_interleaved(model: str, size: int, batch: int, warmup: int, steps: i
     """Alternate one bare step and one tiflow step on the same UNet, so background load hits both alike."""
     trainer = _trainer(model, size, batch, warmup, steps, option)
     unet, scheduler, device = trainer.bundle.unet, trainer.bundle.scheduler, trainer.device
-    bare_step = bare_loop(unet, scheduler, trainer.bundle.text_width, batch, size, device)
+    bare_step = bare_loop(unet, scheduler, batch, size, device)
 
     bare, ours = [], []
     for step in range(warmup + steps):

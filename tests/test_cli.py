@@ -1,4 +1,5 @@
 """Each stage by hand (python -m stages.<name> --config) and the tiflow console script."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_a_refused_input_gives_one_line_and_a_failing_status(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("name, family, prediction", [("tiny-sd15", "sd1", "epsilon"), ("tiny-sd2-v", "sd2-v", "v_prediction")])
+@pytest.mark.parametrize("name, family, prediction", [("tiny-sd15", "sd1", "epsilon"), ("tiny-sd2-v", "sd2-v", "v_prediction"), ("tiny-sdxl", "sdxl", "epsilon")])
 def test_export_model_writes_loadable_folder_and_single_file(name, family, prediction, tmp_path):
     tiflow = Path(sys.executable).with_name("tiflow")
     command = [str(tiflow)] if tiflow.exists() else [sys.executable, "-m", "stages.tools.cli"]
@@ -53,12 +54,18 @@ def test_export_model_writes_loadable_folder_and_single_file(name, family, predi
     from stages.common.models import load_model
 
     builtin, folder, single = (load_model(p) for p in (f"builtin:{name}", str(tmp_path / "tiny"), str(tmp_path / "tiny.safetensors")))
-    assert (tmp_path / "tiny" / "model_index.json").is_file()
+    index = json.loads((tmp_path / "tiny" / "model_index.json").read_text())
+    sdxl = family == "sdxl"
+    assert index["_class_name"] == ("StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline")
+    assert ("text_encoder_2" in index and "tokenizer_2" in index) == sdxl
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2") if sdxl else ("unet", "vae", "text_encoder")
     for loaded in (folder, single):
         assert loaded.family.name == family and len(loaded.tokenizer) == 49408
         assert loaded.scheduler.config.prediction_type == prediction
         assert loaded.tokenizer.pad_token == builtin.tokenizer.pad_token
-        for part in ("unet", "vae", "text_encoder"):
+        if sdxl:
+            assert loaded.tokenizer_2.pad_token == "!" and len(loaded.tokenizer_2) == 49408
+        for part in parts:
             expected, actual = getattr(builtin, part).state_dict(), getattr(loaded, part).state_dict()
             assert expected.keys() == actual.keys()
             assert all(torch.equal(expected[k], actual[k]) for k in expected), part

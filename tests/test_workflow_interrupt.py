@@ -19,6 +19,9 @@ CONFIG = {
     "train": {"steps": 300, "save_every": 100, "learning_rate": 0.005, "seed": 3, "latent_sampling": "random"},
     "runs": {"demotok": {"init_text": "cat", "vectors": 2}},
 }
+# SDXL: two text encoders, and buckets with mirrored copies so each image's size conditioning is in play
+SDXL_CONFIG = {**CONFIG, "model": {"path": "builtin:tiny-sdxl"},
+               "preprocess": {"size": 96, "mode": "bucket", "bucket_min_side": 64, "bucket_step": 16, "flip": True}}
 TARGET = "out/train/demotok/demotok.safetensors"
 
 
@@ -26,9 +29,9 @@ def snakemake_command(workdir: Path) -> list[str]:
     return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2", TARGET]
 
 
-def new_workdir(tmp_path_factory, name: str) -> Path:
+def new_workdir(tmp_path_factory, name: str, config: dict = CONFIG) -> Path:
     workdir = tmp_path_factory.mktemp(name)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return workdir
 
 
@@ -120,6 +123,24 @@ def test_a_stop_signal_to_the_job_group_saves_and_the_rerun_resumes_exactly(tmp_
     run_to_the_end(workdir)  # the README's command, no flags: resumes
     assert f"resuming demotok from step {stopped_at} of 300" in (workdir / "out/logs/train_demotok.log").read_text()
     assert torch.equal(load_file(str(workdir / TARGET))["emb_params"], uninterrupted)  # bit-identical to never stopping
+
+
+def test_sdxl_stops_on_sigterm_to_the_job_group_and_resumes_exactly(tmp_path_factory):
+    straight = new_workdir(tmp_path_factory, "sdxl-uninterrupted", SDXL_CONFIG)
+    run_to_the_end(straight)
+    expected = load_file(str(straight / TARGET))
+    assert sorted(expected) == ["clip_g", "clip_l"]
+
+    workdir = new_workdir(tmp_path_factory, "sdxl-interrupted", SDXL_CONFIG)
+    stop_the_job_group(workdir, signal.SIGTERM)
+    stopped = saved_steps(workdir, "interrupted")
+    assert len(stopped) == 1 and 100 < stopped[0] < 200, stopped
+    assert f"stopped by SIGTERM after step {stopped[0]}" in (workdir / "out/logs/train_demotok.log").read_text()
+    run_to_the_end(workdir)
+    assert f"resuming demotok from step {stopped[0]} of 300" in (workdir / "out/logs/train_demotok.log").read_text()
+    resumed = load_file(str(workdir / TARGET))
+    for key in ("clip_l", "clip_g"):
+        assert torch.equal(resumed[key], expected[key]), key  # both encoders' vectors bit-identical to never stopping
 
 
 def test_a_hard_stop_leaves_a_lock_that_the_next_run_removes(tmp_path_factory, uninterrupted):

@@ -26,10 +26,12 @@ VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 SDXL_TEXT_PREFIX = "conditioner.embedders."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # transformers' CLIPTextModel layout, as SD1
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP bigG, in OpenCLIP's own layout
 META_ARCHITECTURE = "tiflow_architecture"
 META_FAMILY = "tiflow_family"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-FULL_SIZE_SPEC = {"sd1": "sd15", "sd2": "sd21"}  # architecture assumed for files that don't name theirs
+FULL_SIZE_SPEC = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}  # architecture assumed for files that don't name theirs
 
 
 log = logging.getLogger(__name__)
@@ -145,13 +147,23 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
 
 # ------------------------------------------------------------------------------------------ load
 
+# what each family's file must hold, by key prefix: (what, prefix)
+REQUIRED_PARTS = {
+    "sd1": (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("text encoder", SD1_TEXT_PREFIX)),
+    "sd2": (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("text encoder", SD2_TEXT_PREFIX)),
+    "sdxl": (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("CLIP-L text encoder", SDXL_CLIP_L_PREFIX),
+             ("OpenCLIP bigG text encoder", SDXL_OPENCLIP_PREFIX)),
+}
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only encoder is bigG, in slot 0
+
 
 def load_original_checkpoint(path: Path, family: str = "auto", dtype: torch.dtype | None = torch.float32) -> dict:
-    """Load an original-layout SD1.x or SD2.x single file offline into diffusers/transformers components.
+    """Load an original-layout SD1.x, SD2.x or SDXL single file offline into diffusers/transformers components.
 
-    Returns build_builtin_components' dict (tokenizer, text_encoder, unet, vae, scheduler) plus
-    "family". The architecture is the one the file's metadata names, else the family's full-size
-    one, else a builtin whose shapes match. `dtype=None` keeps the file's dtypes.
+    Returns build_builtin_components' dict (tokenizer, text_encoder, and for SDXL tokenizer_2 and
+    text_encoder_2, unet, vae, scheduler) plus "family". The architecture is the one the file's
+    metadata names, else the family's full-size one, else a builtin whose shapes match.
+    `dtype=None` keeps the file's dtypes.
     """
     path = Path(path)
     state, metadata = read_checkpoint_state_dict(path)
@@ -163,13 +175,7 @@ def load_original_checkpoint(path: Path, family: str = "auto", dtype: torch.dtyp
         get_family(family)  # rejects unknown names with the list of allowed ones
         if family.split("-")[0] != detected:  # sd2-v files carry sd2 keys
             raise CheckpointError(f"{path}: the model family is set to {family!r} but the file's keys are those of {detected}; set it to {detected!r} or 'auto'")
-    if detected not in FULL_SIZE_SPEC:
-        raise CheckpointError(
-            f"{path} is a {detected} checkpoint: not supported yet: only SD1.x and SD2.x single files load in this version; "
-            f"use the model as a diffusers folder instead"
-        )
-    if not any(k.startswith(UNET_PREFIX) for k in state) or not any(k.startswith(VAE_PREFIX) for k in state):
-        raise CheckpointError(f"{path} lacks the UNet (model.diffusion_model.*) or the VAE (first_stage_model.*); it is not a full checkpoint")
+    _check_parts(path, state, detected)
 
     named = metadata.get(META_ARCHITECTURE)
     if named in BUILTIN_MODELS and BUILTIN_MODELS[named].family.split("-")[0] == detected:
@@ -190,8 +196,23 @@ def load_original_checkpoint(path: Path, family: str = "auto", dtype: torch.dtyp
     )
 
 
+def _check_parts(path: Path, state: dict[str, Tensor], detected: str) -> None:
+    """Refuse a file that lacks a component its family needs, naming the missing key prefixes."""
+    if detected == "sdxl" and any(k.startswith(SDXL_REFINER_PREFIX) for k in state) and not any(k.startswith(SDXL_CLIP_L_PREFIX) for k in state):
+        raise CheckpointError(
+            f"{path} is an SDXL refiner checkpoint (one OpenCLIP text encoder at {SDXL_REFINER_PREFIX}*); "
+            "the refiner only polishes images and takes no embeddings: give the SDXL base model"
+        )
+    missing = [f"the {what} ({prefix}*)" for what, prefix in REQUIRED_PARTS[detected] if not any(k.startswith(prefix) for k in state)]
+    if missing:
+        raise CheckpointError(
+            f"{path} looks like a {detected} checkpoint but lacks {' and '.join(missing)}; it is not a full checkpoint. "
+            "Use a file that holds the whole model, or the model as a diffusers folder"
+        )
+
+
 def _file_family(path: Path, detected: str, metadata: dict[str, str], asked: str) -> str:
-    """sd1, sd2 or sd2-v. SD2's epsilon and v-prediction weights look alike, so the file's own note,
+    """sd1, sd2, sd2-v or sdxl. SD2's epsilon and v-prediction weights look alike, so the file's own note,
     or model.family, decides; a file with neither is taken as 768-v, the SD 2.x most fine-tunes use."""
     if detected != "sd2":
         return detected
@@ -205,6 +226,33 @@ def _file_family(path: Path, detected: str, metadata: dict[str, str], asked: str
     return "sd2-v"
 
 
+def _convert_text(state: dict[str, Tensor], models: dict) -> dict[str, dict[str, Tensor]]:
+    """The text encoders' weights in transformers' keys, by component name."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    if any(k.startswith(SDXL_TEXT_PREFIX) for k in state):
+        # convert_ldm_clip_checkpoint strips conditioner.embedders.0.transformer. as well as SD1's prefix
+        texts = {
+            "text_encoder": convert_ldm_clip_checkpoint(state),
+            "text_encoder_2": convert_open_clip_checkpoint(models["text_encoder_2"], state, prefix=SDXL_OPENCLIP_PREFIX),
+        }
+    elif any(k.startswith(SD2_TEXT_PREFIX) for k in state):
+        texts = {"text_encoder": convert_open_clip_checkpoint(models["text_encoder"], state)}
+    else:
+        texts = {"text_encoder": convert_ldm_clip_checkpoint(state)}  # keys 'text_model.*' (the pre-5.6 transformers layout)
+    converted = {}
+    for component, text in texts.items():
+        model = models[component]
+        if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel, not ...WithProjection
+            text = {k.removeprefix("text_model."): v for k, v in text.items()}
+        # SD2's OpenCLIP projection is unused (CLIPTextModel has none); SDXL's bigG keeps it for the pooled prompt
+        converted[component] = {
+            k: v for k, v in text.items()
+            if not k.endswith("position_ids") and (k != "text_projection.weight" or hasattr(model, "text_projection"))
+        }
+    return converted
+
+
 def _convert_onto(state: dict[str, Tensor], spec: BuiltinSpec, dtype: torch.dtype | None) -> tuple[dict, list[str]]:
     """Convert with diffusers' converters and compare against `spec` built on the meta device.
 
@@ -212,31 +260,21 @@ def _convert_onto(state: dict[str, Tensor], spec: BuiltinSpec, dtype: torch.dtyp
     `load_state_dict(assign=True)` then makes the checkpoint's tensors their parameters.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from stages.common.builtin import text_encoder_class, text_encoder_config
 
     with torch.device("meta"):
-        models = {
-            "unet": UNet2DConditionModel(**spec.unet),
-            "vae": AutoencoderKL(**spec.vae),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**spec.text_encoder)),
-        }
-    if any(k.startswith(SD2_TEXT_PREFIX) for k in state):
-        text = convert_open_clip_checkpoint(models["text_encoder"], state)
-    else:
-        text = convert_ldm_clip_checkpoint(state)  # keys 'text_model.*' (the pre-5.6 transformers layout)
-    if not hasattr(models["text_encoder"], "text_model"):
-        text = {k.removeprefix("text_model."): v for k, v in text.items()}
-    converted = {
-        "unet": convert_ldm_unet_checkpoint(state, dict(spec.unet)),
-        "vae": convert_ldm_vae_checkpoint(state, dict(spec.vae)),
-        "text_encoder": {k: v for k, v in text.items() if not k.endswith("position_ids") and k != "text_projection.weight"},
-    }
+        models = {"unet": UNet2DConditionModel(**spec.unet), "vae": AutoencoderKL(**spec.vae)}
+        for component, kwargs in spec.text_encoder_configs.items():
+            models[component] = text_encoder_class(component)(text_encoder_config(kwargs))
+    converted = {}
+    for part, convert, prefix in (("unet", convert_ldm_unet_checkpoint, UNET_PREFIX), ("vae", convert_ldm_vae_checkpoint, VAE_PREFIX)):
+        try:
+            converted[part] = convert(state, dict(getattr(spec, part)))
+        except KeyError as error:  # diffusers indexes some keys (SDXL's label_emb.*) without checking
+            return {}, [f"{part}: 1 missing ({prefix}{error.args[0]})"]
+    converted.update(_convert_text(state, models))
     problems = []
     for part, model in models.items():
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -261,20 +299,19 @@ def _finish(models: dict, spec: BuiltinSpec, family: str) -> dict:
 
     from stages.common.clip_vocab import build_clip_tokenizer
 
-    text_encoder = models["text_encoder"]
-    embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
-    # position_ids is a non-persistent buffer (never in a state dict): rebuild the constant
-    embeddings.position_ids = torch.arange(text_encoder.config.max_position_embeddings).expand((1, -1))
+    components = {}
+    for component, pad_token in (("text_encoder", spec.pad_token), ("text_encoder_2", spec.pad_token_2)):
+        if component not in models:
+            continue
+        text_encoder = models[component]
+        embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
+        # position_ids is a non-persistent buffer (never in a state dict): rebuild the constant
+        embeddings.position_ids = torch.arange(text_encoder.config.max_position_embeddings).expand((1, -1))
+        components[component.replace("text_encoder", "tokenizer")] = build_clip_tokenizer(pad_token=pad_token)
+        components[component] = text_encoder
     for part, model in models.items():
         left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
         if left:
             raise RuntimeError(f"{part} tensors left unloaded on the meta device: {', '.join(left[:5])}")
         model.eval()
-    return {
-        "tokenizer": build_clip_tokenizer(pad_token=spec.pad_token),
-        "text_encoder": text_encoder,
-        "unet": models["unet"],
-        "vae": models["vae"],
-        "scheduler": DDPMScheduler(**spec.scheduler),
-        "family": family,
-    }
+    return dict(components, unet=models["unet"], vae=models["vae"], scheduler=DDPMScheduler(**spec.scheduler), family=family)

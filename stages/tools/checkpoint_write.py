@@ -6,7 +6,8 @@ of levels; checkpoint_layout.py loads the files back through diffusers' converte
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from stages.common.checkpoint_layout import (
     META_FAMILY,
     SD1_TEXT_PREFIX,
     SD2_TEXT_PREFIX,
+    SDXL_CLIP_L_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
@@ -29,7 +32,9 @@ from stages.common.files import atomic_path
 
 # a diffusers ResnetBlock2D's submodules under their ldm ResBlock names (UNet)
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2", "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2", "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             # SDXL's text_time addition embedding (pooled prompt + size numbers); add_time_proj has no weights
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _BLOCK_KEY = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
 _MID_KEY = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
@@ -37,8 +42,8 @@ _MID_KEY = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
 
 def _no_mapping(component: str, key: str) -> CheckpointError:
     return CheckpointError(
-        f"{component} parameter {key!r} has no name in the original SD1.x layout; "
-        "only SD1.x-style models (no class/addition embeddings) can be saved as an original checkpoint"
+        f"{component} parameter {key!r} has no name in the original Stable Diffusion layout; "
+        "only SD1.x, SD2.x and SDXL-style models (no other class/addition embeddings) can be saved as an original checkpoint"
     )
 
 
@@ -54,8 +59,10 @@ def unet_to_original(state: Mapping[str, Tensor], layers_per_block: int) -> dict
 
     ldm numbers its blocks flat: input_blocks.0 is conv_in, then each level has
     `layers_per_block` (resnet, attention) blocks plus one downsampler block; output_blocks have
-    `layers_per_block + 1` blocks per level, the upsampler riding in the last one. Works on meta
-    tensors too, so the full-size mapping can be checked without allocating the model.
+    `layers_per_block + 1` blocks per level, the upsampler riding in the last one. Levels without
+    attention (SD1's deepest, SDXL's first) just leave the attention slot out; SDXL's deeper
+    transformers (`transformer_blocks.N`) keep their names. Works on meta tensors too, so the
+    full-size mapping can be checked without allocating the model.
     """
     if not isinstance(layers_per_block, int):
         raise CheckpointError(f"UNet layers_per_block={layers_per_block!r}: only one int for all levels maps to the original layout")
@@ -132,14 +139,15 @@ def vae_to_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def clip_to_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a CLIPTextModel state dict to `cond_stage_model.transformer.text_model.*` keys.
+def clip_to_original(state: Mapping[str, Tensor], prefix: str = SD1_TEXT_PREFIX) -> dict[str, Tensor]:
+    """Rename a CLIPTextModel state dict to `<prefix>text_model.*` keys (SD1: cond_stage_model.transformer.,
+    SDXL's first encoder: conditioner.embedders.0.transformer.).
 
     transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); older versions had it,
     so both spellings are accepted.
     """
     return {
-        f"{SD1_TEXT_PREFIX}text_model.{key.removeprefix('text_model.')}": tensor
+        f"{prefix}text_model.{key.removeprefix('text_model.')}": tensor
         for key, tensor in state.items()
         if not key.endswith("position_ids")  # a constant buffer, not a weight
     }
@@ -153,34 +161,38 @@ _OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
 _CLIP_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def openclip_to_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """An SD2 text encoder (CLIPTextModel weights) as the OpenCLIP `cond_stage_model.model.*` keys.
+def openclip_to_original(state: Mapping[str, Tensor], prefix: str = SD2_TEXT_PREFIX) -> dict[str, Tensor]:
+    """An OpenCLIP text encoder in transformers' keys as OpenCLIP's own `<prefix>*` keys (SD2:
+    cond_stage_model.model., SDXL's bigG: conditioner.embedders.1.model.).
 
-    OpenCLIP keeps q, k and v in one `in_proj` tensor; the projection and logit scale that SD never
-    uses are written as real files carry them (diffusers' loader skips both).
+    OpenCLIP keeps q, k and v in one `in_proj` tensor and its projection as a [width, output]
+    matrix. SD2's CLIPTextModel has no projection, so the identity is written, as real SD2 files
+    carry one that SD never uses; SDXL's CLIPTextModelWithProjection writes its own, transposed.
+    The logit scale is only written for the file to look as real ones do (loaders skip it).
     """
     state = {key.removeprefix("text_model."): tensor for key, tensor in state.items() if not key.endswith("position_ids")}
+    projection = state.pop("text_projection.weight", None)  # Linear weight [output, width]
     out: dict[str, Tensor] = {}
     for key, tensor in state.items():
         if key in _OPENCLIP_TOP:
-            out[SD2_TEXT_PREFIX + _OPENCLIP_TOP[key]] = tensor
+            out[prefix + _OPENCLIP_TOP[key]] = tensor
             continue
         match = _CLIP_LAYER_KEY.fullmatch(key)
         if not match:
             raise _no_mapping("text encoder", key)
         layer, module, kind = match.groups()
-        prefix = f"{SD2_TEXT_PREFIX}transformer.resblocks.{layer}."
+        block = f"{prefix}transformer.resblocks.{layer}."
         if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             if module == "self_attn.q_proj":  # q, k, v stacked in that order, as OpenCLIP's attention stores them
                 parts = [state[f"encoder.layers.{layer}.self_attn.{name}.{kind}"] for name in ("q_proj", "k_proj", "v_proj")]
-                out[f"{prefix}attn.in_proj_{kind}"] = torch.cat(parts)
+                out[f"{block}attn.in_proj_{kind}"] = torch.cat(parts)
             continue
         if module not in _OPENCLIP_LAYER:
             raise _no_mapping("text encoder", key)
-        out[f"{prefix}{_OPENCLIP_LAYER[module]}.{kind}"] = tensor
+        out[f"{block}{_OPENCLIP_LAYER[module]}.{kind}"] = tensor
     width = state["final_layer_norm.weight"].shape[0]
-    out[SD2_TEXT_PREFIX + "text_projection"] = torch.eye(width)
-    out[SD2_TEXT_PREFIX + "logit_scale"] = torch.tensor(4.6052)  # log(100), OpenCLIP's trained value
+    out[prefix + "text_projection"] = projection.T if projection is not None else torch.eye(width)
+    out[prefix + "logit_scale"] = torch.tensor(4.6052)  # log(100), OpenCLIP's trained value
     return out
 
 
@@ -190,32 +202,32 @@ def openclip_to_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def save_original_checkpoint(
     components: dict, path: Path, builtin_name: str | None = None, dtype: torch.dtype = torch.float32
 ) -> None:
-    """Write unet, vae and text_encoder as one original-layout SD1.x or SD2.x .safetensors file.
+    """Write unet, vae and the text encoder(s) as one original-layout SD1.x, SD2.x or SDXL .safetensors file.
 
-    `builtin_name` goes into the file's metadata so that loading picks the same architecture.
+    `builtin_name` goes into the file's metadata so that loading picks the same architecture;
+    without it the layout is SDXL's if there is a text_encoder_2, else SD1's.
     Floating-point tensors are stored as `dtype` (fp32, or fp16 for half-size files).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: original checkpoints are written as .safetensors; give a path ending in .safetensors")
-    family = "sd1"
+    family = "sdxl" if "text_encoder_2" in components else "sd1"
     if builtin_name is not None:
         if builtin_name not in BUILTIN_MODELS:
             raise CheckpointError(f"{path}: unknown builtin architecture {builtin_name!r}; available: {', '.join(BUILTIN_MODELS)}")
         family = BUILTIN_MODELS[builtin_name].family
     if family not in TEXT_WRITERS:
-        raise CheckpointError(f"{path}: saving {family} models as one file is not supported yet; only SD1.x and SD2.x")
-    missing = [name for name in ("unet", "vae", "text_encoder") if name not in components]
+        raise CheckpointError(f"{path}: saving {family} models as one file is not supported; only {', '.join(TEXT_WRITERS)}")
+    needed = ("unet", "vae", *TEXT_WRITERS[family])
+    missing = [name for name in needed if name not in components]
     if missing:
-        raise CheckpointError(f"{path}: components lack {', '.join(missing)}; a single-file checkpoint holds unet, vae and text_encoder")
+        raise CheckpointError(f"{path}: components lack {', '.join(missing)}; a single-file {family} checkpoint holds {', '.join(needed)}")
 
     unet = components["unet"]
+    parts = [unet_to_original(unet.state_dict(), unet.config.layers_per_block), vae_to_original(components["vae"].state_dict())]
+    parts += [write(components[component].state_dict()) for component, write in TEXT_WRITERS[family].items()]
     tensors: dict[str, Tensor] = {}
-    for part in (
-        unet_to_original(unet.state_dict(), unet.config.layers_per_block),
-        vae_to_original(components["vae"].state_dict()),
-        TEXT_WRITERS[family](components["text_encoder"].state_dict()),
-    ):
+    for part in parts:
         for key, tensor in part.items():
             tensor = tensor.detach().to("cpu")
             # safetensors stores raw buffers: they must be contiguous, and only floats change dtype
@@ -230,4 +242,11 @@ def save_original_checkpoint(
         save_file(tensors, str(temp), metadata=metadata)
 
 
-TEXT_WRITERS = {"sd1": clip_to_original, "sd2": openclip_to_original, "sd2-v": openclip_to_original}
+# each family's text encoders by component name, with the writer of their original layout
+TEXT_WRITERS: dict[str, dict[str, Callable[[Mapping[str, Tensor]], dict[str, Tensor]]]] = {
+    "sd1": {"text_encoder": clip_to_original},
+    "sd2": {"text_encoder": openclip_to_original},
+    "sd2-v": {"text_encoder": openclip_to_original},
+    "sdxl": {"text_encoder": partial(clip_to_original, prefix=SDXL_CLIP_L_PREFIX),
+             "text_encoder_2": partial(openclip_to_original, prefix=SDXL_OPENCLIP_PREFIX)},
+}

@@ -12,19 +12,30 @@ from stages.common.errors import InputError
 
 
 def export_diffusers_folder(components: dict, folder: Path) -> Path:
-    """Save as a diffusers StableDiffusionPipeline folder (model_index.json, unet/, vae/, ...).
+    """Save as a diffusers StableDiffusionPipeline folder (model_index.json, unet/, vae/, ...), or a
+    StableDiffusionXLPipeline one (with text_encoder_2/, tokenizer_2/) for SDXL components.
 
     Written into a temporary sibling folder first, so an interrupted export leaves nothing half-done.
     """
-    from diffusers import StableDiffusionPipeline
-
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not empty; choose a new folder")
-    pipeline = StableDiffusionPipeline(
-        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        unet=components["unet"], scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if "text_encoder_2" in components:
+        from diffusers import StableDiffusionXLPipeline
+
+        # no watermarker: it needs the invisible-watermark package and only marks generated images
+        pipeline = StableDiffusionXLPipeline(
+            vae=components["vae"], text_encoder=components["text_encoder"], text_encoder_2=components["text_encoder_2"],
+            tokenizer=components["tokenizer"], tokenizer_2=components["tokenizer_2"], unet=components["unet"],
+            scheduler=components["scheduler"], add_watermarker=False,
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipeline = StableDiffusionPipeline(
+            vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+            unet=components["unet"], scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -39,7 +50,7 @@ def export_diffusers_folder(components: dict, folder: Path) -> Path:
 
 
 def export_builtin(name_or_path: str, folder: Path | None = None, single_file: Path | None = None, half: bool = False) -> list[Path]:
-    """`tiflow export-model`: write builtin:<name> as a diffusers folder and/or a single file."""
+    """`tiflow export-model`: write builtin:<name> (SD1.x, SD2.x or SDXL) as a diffusers folder and/or a single file."""
     name = parse_builtin_name(name_or_path)
     if name is None:
         raise InputError(f"{name_or_path!r} is not a builtin model; write builtin:<name>, e.g. builtin:tiny-sd15")
