@@ -136,35 +136,38 @@ def test_init_from_an_existing_embedding_keeps_its_step_count(demo_prepared, tmp
         starting_point(bundle, "*", str(tmp_path / "a" / "demotok.pt"), 3)
 
 
-@pytest.mark.parametrize("options", [{"gradient_checkpointing": True}, {"channels_last": True}])
-def test_exact_speed_options_do_not_change_the_maths(demo_prepared, tmp_path, options):
+@pytest.mark.parametrize("model, options", [("tiny-sd15", {"gradient_checkpointing": True}), ("tiny-sd15", {"channels_last": True}),
+                                            ("tiny-sdxl", {"gradient_checkpointing": True})])
+def test_exact_speed_options_do_not_change_the_maths(demo_prepared, tmp_path, model, options):
     """Recomputing activations or changing the memory layout must give the fp32 result up to summation order."""
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
     base = dict(name="demotok", token="demotok", init_text="toy", vectors=2, steps=3, save_every=0, learning_rate=0.05, batch_size=2)
-    reference = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings.from_schema(**base), tmp_path / "ref")
-    result = train_embedding(load_model("builtin:tiny-sd15"), examples, TrainSettings.from_schema(**base, **options), tmp_path / "opt")
-    vectors = result.embedding.vectors["emb_params"]
-    assert vectors.dtype == torch.float32 and not torch.allclose(vectors, result.initial_vectors["emb_params"])
-    # the same fp32 maths in another order: differences are a few fp32 roundings, far below one training step's change
-    torch.testing.assert_close(vectors, reference.embedding.vectors["emb_params"], atol=1e-4, rtol=1e-4)
+    reference = train_embedding(load_model(f"builtin:{model}"), examples, TrainSettings.from_schema(**base), tmp_path / "ref")
+    result = train_embedding(load_model(f"builtin:{model}"), examples, TrainSettings.from_schema(**base, **options), tmp_path / "opt")
+    for key, vectors in result.embedding.vectors.items():
+        assert vectors.dtype == torch.float32 and not torch.allclose(vectors, result.initial_vectors[key])
+        # the same fp32 maths in another order: differences are a few fp32 roundings, far below one training step's change
+        torch.testing.assert_close(vectors, reference.embedding.vectors[key], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_half_precision_trains_fp32_vectors_in_a_half_precision_model(demo_prepared, tmp_path, precision, dtype):
+@pytest.mark.parametrize("model, precision, dtype", [("tiny-sd15", "bf16", torch.bfloat16), ("tiny-sd15", "fp16", torch.float16),
+                                                     ("tiny-sdxl", "bf16", torch.bfloat16)])
+def test_half_precision_trains_fp32_vectors_in_a_half_precision_model(demo_prepared, tmp_path, model, precision, dtype):
     """What precision: bf16/fp16 promise: the frozen model computes in that type, the vectors stay fp32 masters that
     start exactly at the fp32 starting point and learn. How close the result is to fp32 depends on the CPU's
     half-precision kernels (AMX, AVX-512 BF16 or emulation), so no tolerance against the fp32 run is asserted."""
     examples = load_examples(demo_prepared / "latents", demo_prepared / "caption")
     settings = TrainSettings.from_schema(name="demotok", token="demotok", init_text="toy", vectors=2, steps=6, save_every=0, learning_rate=0.05,
                              batch_size=2, precision=precision)
-    bundle = load_model("builtin:tiny-sd15")
+    bundle = load_model(f"builtin:{model}")  # SDXL: both text encoders in half precision, the new rows of each in fp32
     trainer = Trainer(bundle, examples, settings, RunOutputs(tmp_path, "demotok"), ResumeStore(None))
-    assert bundle.unet.dtype == dtype and bundle.text_encoder.dtype == dtype
-    assert trainer.model.vectors["emb_params"].dtype == torch.float32
-    assert torch.equal(trainer.model.vectors["emb_params"].detach(), trainer.model.initial["emb_params"])  # not rounded through the half-precision encoder
+    assert all(module.dtype == dtype for module in bundle.frozen_modules)
+    for key, vectors in trainer.model.vectors.items():
+        assert vectors.dtype == torch.float32
+        assert torch.equal(vectors.detach(), trainer.model.initial[key])  # not rounded through the half-precision encoder
     result = trainer.run()
-    vectors = result.embedding.vectors["emb_params"]
-    assert vectors.dtype == torch.float32 and torch.isfinite(vectors).all()
     assert all(math.isfinite(loss) for loss in result.losses) and result.skipped_steps == 0
-    moved = (vectors - result.initial_vectors["emb_params"]).abs().max().item()
-    assert moved > 0.01  # six AdamW steps at lr 0.05 move a vector by about 0.05 each step whatever the precision
+    for key, vectors in result.embedding.vectors.items():
+        assert vectors.dtype == torch.float32 and torch.isfinite(vectors).all()
+        moved = (vectors - result.initial_vectors[key]).abs().max().item()
+        assert moved > 0.01, key  # six AdamW steps at lr 0.05 move a vector by about 0.05 each step whatever the precision
