@@ -2,6 +2,7 @@
 UNet, and the file loads with diffusers' two-encoder call into the exported pipeline."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,39 @@ def test_the_trained_file_loads_in_diffusers_two_encoder_call_into_the_exported_
                                                                  clip_skip=1).conditioning([PROMPT]).context)  # the vectors matter
     torch.testing.assert_close(context, expected.context, rtol=0, atol=1e-5)
     torch.testing.assert_close(pooled, expected.pooled, rtol=0, atol=1e-5)
+
+
+def sdxl_demo_config() -> dict:
+    """config.yaml with its commented SDXL block switched on, as a user would uncomment it."""
+    import yaml
+
+    from conftest import REPO
+
+    text = (REPO / "config.yaml").read_text()
+    block = text.split("# --- SDXL")[1].split("# --- end of SDXL")[0]
+    # the YAML lines: a section name alone ("# model:") or an indented key; the rest of the block is prose
+    lines = [line[2:] for line in block.splitlines() if re.fullmatch(r"# [a-z_]+:\s*", line) or line.startswith("#   ")]
+    switched_on = yaml.safe_load("\n".join(lines))
+    config = yaml.safe_load(text)
+    config.update(model=switched_on["model"], preprocess=switched_on["preprocess"], train={**config["train"], **switched_on["train"]})
+    return config
+
+
+def test_the_commented_sdxl_run_in_config_yaml_runs_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    config = sdxl_demo_config()
+    assert config["model"]["path"] == "builtin:tiny-sdxl" and config["preprocess"]["mode"] == "bucket"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next(iter(config["runs"]))
+    written = load_file(str(tmp_path / "out" / "train" / run / f"{run}.safetensors"))
+    assert sorted(written) == ["clip_g", "clip_l"]
+    assert (tmp_path / "out" / "evaluate" / run / "grid.png").is_file()  # rendered with StableDiffusionXLPipeline

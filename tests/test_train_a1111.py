@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from stages.common.families import clip_skip_warning, get_family
+from stages.common.families import clip_skip_warning, get_family, resolution_warning
 from stages.common.models import load_model
 from stages.common.latents import load_examples
 from stages.train.optim import LearningRate
@@ -99,3 +99,9 @@ def test_clip_skip_on_sd2_and_sdxl_warns_that_automatic1111_ignores_it():
         assert warning and "AUTOMATIC1111" in warning and "clip_skip: 1" in warning
         assert clip_skip_warning(get_family(family), 1) is None
     assert clip_skip_warning(get_family("sd1"), 2) is None  # AUTOMATIC1111 applies it to SD 1.x, as tiflow does
+
+
+def test_training_far_below_the_native_resolution_is_warned_about():
+    assert "preprocess.size: 1024" in resolution_warning(get_family("sdxl"), (512, 512))
+    assert resolution_warning(get_family("sdxl"), (1024, 768)) is None and resolution_warning(get_family("sd1"), (512, 512)) is None
+    assert "preprocess.size: 512" in resolution_warning(get_family("sd1"), (256, 256))

@@ -65,6 +65,15 @@ def clip_skip_warning(family: Family, clip_skip: int) -> str | None:
             "generate with kohya's scripts or ComfyUI's CLIPSetLastLayer at the same setting; set clip_skip: 1 to train for AUTOMATIC1111")
 
 
+def resolution_warning(family: Family, size: tuple[int, int]) -> str | None:
+    """What to tell a user who trains a real checkpoint well below its family's native resolution."""
+    if max(size) >= 0.75 * family.resolution:
+        return None
+    return (f"preprocess.size {size[0]}x{size[1]} is well below the {family.resolution}x{family.resolution} that {family.name} models "
+            f"were trained at; an embedding learned on small images renders poorly at full size. Set preprocess.size: {family.resolution} "
+            "(with mode: bucket for mixed aspect ratios) unless you generate at this size")
+
+
 def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]

@@ -9,7 +9,8 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stages.common.config import run_settings
-from stages.common.families import clip_skip_warning
+from stages.common.families import clip_skip_warning, resolution_warning
+from stages.common.paths import BUILTIN_PREFIX
 from stages.common.layout import StageDirs, frame_size
 from stages.common.stage_cli import read_settings, run_stage, stage_parser
 from stages.common.workflow import STAGE_SECTIONS
@@ -43,8 +44,10 @@ def main(args: argparse.Namespace) -> int:
 
     train_settings = TrainSettings.from_section(settings, args.run, model_section["clip_skip"])
     bundle = load_model(model_section["path"], model_section["family"])
-    warning = clip_skip_warning(bundle.family, model_section["clip_skip"])
-    if warning:
+    warnings = [clip_skip_warning(bundle.family, model_section["clip_skip"])]
+    if not str(model_section["path"]).startswith(BUILTIN_PREFIX):  # the builtins are random-weight models, trained small on purpose
+        warnings.append(resolution_warning(bundle.family, frame_size(config["preprocess"]["size"])))
+    for warning in filter(None, warnings):
         logging.getLogger("stages.train").warning(warning)
     examples, held_out = split_validation(load_examples(paths["latents"], paths["captions"]), train_settings.validation_split)
     if held_out:
