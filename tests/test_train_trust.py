@@ -87,9 +87,9 @@ def test_bucketed_images_train_in_batches_of_one_size(tmp_path, caplog):
     shapes, batch = [], trainer._batch
 
     def recording_batch():
-        latents, prompts = batch()
+        latents, prompts, sizes = batch()
         shapes.append(tuple(latents.shape))
-        return latents, prompts
+        return latents, prompts, sizes
 
     trainer._batch = recording_batch
     result = trainer.run()
