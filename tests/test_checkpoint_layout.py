@@ -126,22 +126,27 @@ def test_save_is_atomic(tiny, tiny_file, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------- full size
 
 
+def meta_state_dicts(spec) -> tuple[dict, dict, dict]:
+    """The UNet's, VAE's and first text encoder's state dicts of a full-size spec, on the meta device (no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        return (UNet2DConditionModel(**spec.unet).state_dict(), AutoencoderKL(**spec.vae).state_dict(),
+                CLIPTextModel(CLIPTextConfig(**spec.text_encoder)).state_dict())
+
+
 def test_full_size_sd15_mapping_matches_diffusers_converters():
     """The 1 GB SD1.5 mapping, checked on the meta device: shapes only, no memory."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
         infer_diffusers_model_type,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = BUILTIN_MODELS["sd15"]
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**spec.unet).state_dict()
-        vae = AutoencoderKL(**spec.vae).state_dict()
-        text = CLIPTextModel(CLIPTextConfig(**spec.text_encoder)).state_dict()
+    unet, vae, text = meta_state_dicts(spec)
     original = {**unet_to_original(unet, 2), **vae_to_original(vae), **clip_to_original(text)}
     shapes = {k: tuple(v.shape) for k, v in original.items()}
     # the tensor counts and a handful of shapes of the released v1-5 checkpoint
@@ -311,7 +316,6 @@ def test_sdxl_file_without_its_second_text_encoder_is_named(tiny_sdxl_file, tmp_
 
 def test_full_size_sdxl_mapping_matches_diffusers_converters():
     """The 7 GB SDXL base mapping, checked on the meta device: shapes only, no memory."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
@@ -319,13 +323,11 @@ def test_full_size_sdxl_mapping_matches_diffusers_converters():
         convert_open_clip_checkpoint,
         infer_diffusers_model_type,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     spec = BUILTIN_MODELS["sdxl"]
+    unet, vae, text = meta_state_dicts(spec)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**spec.unet).state_dict()
-        vae = AutoencoderKL(**spec.vae).state_dict()
-        text = CLIPTextModel(CLIPTextConfig(**spec.text_encoder)).state_dict()
         big_g_model = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_encoder_2))
     big_g = big_g_model.state_dict()
     original = {

@@ -144,3 +144,21 @@ def test_the_commented_sdxl_run_in_config_yaml_runs_end_to_end(tmp_path):
     written = load_file(str(tmp_path / "out" / "train" / run / f"{run}.safetensors"))
     assert sorted(written) == ["clip_g", "clip_l"]
     assert (tmp_path / "out" / "evaluate" / run / "grid.png").is_file()  # rendered with StableDiffusionXLPipeline
+
+
+def test_sdxl_previews_render_with_the_xl_pipeline_and_carry_both_tensors(sdxl_prepared, tmp_path):
+    from PIL import Image
+
+    from stages.common.embedding.read import read_embedding
+    from stages.train.outputs import RunOutputs
+    from stages.train.preview import make_previewer
+
+    bundle = load_model("builtin:tiny-sdxl")
+    settings = _settings(steps=2, preview_every=2, preview={"prompt": "a photo of [name]", "steps": 2, "width": 64, "height": 64})
+    previewer = make_previewer(bundle, settings.preview, settings.token, (64, 64), RunOutputs(tmp_path, "xltok"))
+    result = train_embedding(bundle, load_examples(sdxl_prepared / "latents", sdxl_prepared / "caption"), settings, tmp_path, preview=previewer)
+    preview = RunOutputs(tmp_path, "xltok").preview_path(2)
+    assert Image.open(preview).size[0] >= 64
+    carried = read_embedding(preview)  # AUTOMATIC1111's embedding-in-PNG, SDXL's two tensors
+    for key in ("clip_l", "clip_g"):
+        assert torch.equal(carried.vectors[key], result.embedding.vectors[key]), key
