@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from stages.common.config import section_properties
 from stages.common.embedding.core import Embedding
 from stages.common.errors import InputError
 from stages.common.embedding.read import read_embedding_for_model
@@ -23,8 +24,12 @@ from stages.common.tokens import (
     expand_trigger,
     initial_vectors,
     install_trainable_embedding,
+    negative_prompt,
     tokenize_prompts,
 )
+
+NEGATIVE_SUFFIX = "-neg"  # DreamArtist's name for an APT run's negative embedding: {run}-neg, used in the negative prompt
+NEGATIVE_NUDGE = 1e-3  # DreamArtist nudges the negative's start so it never starts equal to the positive
 
 
 def starting_point(bundle: ModelBundle, init_text: str, init_from: str | None, vectors: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -42,6 +47,40 @@ def starting_point(bundle: ModelBundle, init_text: str, init_from: str | None, v
     if embedding.vector_count != vectors:
         raise InputError(f"train.init_from: {init_from} has {embedding.vector_count} vectors; set vectors: {embedding.vector_count} for this run")
     return {key: tensor.float() for key, tensor in embedding.vectors.items()}, embedding.step
+
+
+@dataclass(frozen=True)
+class AptSettings:
+    """DreamArtist's APT (train.apt): a negative embedding trained through neg + cfg_scale·(pos − neg)."""
+
+    vectors_neg: int
+    init_text_neg: str
+    cfg_scale: float
+    ema: float  # moving-average decay of both embeddings; 0 = off
+    reconstruction: bool
+    reconstruction_weight: float
+
+    @classmethod
+    def from_section(cls, value: dict | None) -> "AptSettings | None":
+        """From train.apt (None: plain Textual Inversion); keys a run leaves out take the schema's defaults."""
+        if value is None:
+            return None
+        defaults = {key: spec["default"] for key, spec in section_properties("train")["apt"]["properties"].items()}
+        return cls(**{**defaults, **value})
+
+
+def negative_starting_point(bundle: ModelBundle, apt: AptSettings, seed: int) -> dict[str, torch.Tensor]:
+    """The APT negative embedding's start: init_text_neg's vectors plus DreamArtist's 1e-3 nudge.
+
+    The nudge is drawn from train.seed + 4 (stages/train/streams.py names the offsets), so
+    evaluate rebuilds the same start. Call before the run's tokens are installed.
+    """
+    generator = torch.Generator().manual_seed(seed + 4)
+    start = {}
+    for slot, tokenizer, encoder in bundle.encoder_slots():
+        words = initial_vectors(tokenizer, encoder.get_input_embeddings().weight.detach(), apt.init_text_neg, apt.vectors_neg)
+        start[slot.embedding_key] = words + NEGATIVE_NUDGE * torch.randn(words.shape, generator=generator)
+    return start
 
 
 def pick_device() -> torch.device:
@@ -86,27 +125,50 @@ class TextualInversion:
     both); nothing else of the model changes.
     """
 
-    def __init__(self, bundle: ModelBundle, token: str, start_vectors: dict[str, torch.Tensor], clip_skip: int):
-        self.bundle, self.token, self.clip_skip = bundle, token, clip_skip
+    def __init__(self, bundle: ModelBundle, token: str, start_vectors: dict[str, torch.Tensor], clip_skip: int,
+                 apt: AptSettings | None = None, negative_start: dict[str, torch.Tensor] | None = None):
+        self.bundle, self.token, self.clip_skip, self.apt = bundle, token, clip_skip, apt
         self.slots = bundle.encoder_slots()
         keys = [slot.embedding_key for slot, _, _ in self.slots]
-        if sorted(start_vectors) != sorted(keys):
-            raise InputError(f"start vectors for {', '.join(sorted(start_vectors))}, but a {bundle.family.name} model takes {', '.join(keys)}")
-        self.initial = {key: start_vectors[key].float() for key in keys}
-        self.vector_count = self.initial[keys[0]].shape[0]
-        self.token_ids = {slot.embedding_key: add_placeholder_tokens(tokenizer, token, self.vector_count) for slot, tokenizer, _ in self.slots}
-        self.embeddings = {slot.embedding_key: install_trainable_embedding(encoder, self.initial[slot.embedding_key])
+        starts = {token: start_vectors}
+        if apt is not None:
+            if negative_start is None:
+                raise InputError(f"APT run {token!r} needs the negative embedding's start vectors (negative_starting_point)")
+            starts[token + NEGATIVE_SUFFIX] = negative_start
+        for name, start in starts.items():
+            if sorted(start) != sorted(keys):
+                raise InputError(f"start vectors of {name!r} for {', '.join(sorted(start))}, but a {bundle.family.name} model takes {', '.join(keys)}")
+        self.starts = {name: {key: start[key].float() for key in keys} for name, start in starts.items()}
+        self.initial = self.starts[token]
+        self.counts = {name: start[keys[0]].shape[0] for name, start in self.starts.items()}
+        self.vector_count = self.counts[token]
+        self.token_ids = {}
+        for slot, tokenizer, encoder in self.slots:
+            ids = [i for name, count in self.counts.items() for i in add_placeholder_tokens(tokenizer, name, count)]
+            base = encoder.get_input_embeddings().weight.shape[0]
+            if ids != list(range(base, base + len(ids))):  # the trainable rows follow the vocabulary in this order
+                raise InputError(f"{slot.component}'s tokenizer gave the new tokens ids {ids[0]}..{ids[-1]}, not the rows after its "
+                                 f"{base}-row vocabulary; load the model afresh for each run")
+            self.token_ids[slot.embedding_key] = ids
+        self.embeddings = {slot.embedding_key: install_trainable_embedding(encoder, *(start[slot.embedding_key] for start in self.starts.values()))
                            for slot, _, encoder in self.slots}
+        self.trained = {name: {key: embedding.blocks[index] for key, embedding in self.embeddings.items()}
+                        for index, name in enumerate(self.starts)}
         self._ids_cache: dict[str, list[torch.Tensor]] = {}
 
     @property
+    def negative_token(self) -> str | None:
+        return self.token + NEGATIVE_SUFFIX if self.apt is not None else None
+
+    @property
     def vectors(self) -> dict[str, torch.nn.Parameter]:
-        """The trainable rows by embedding key (emb_params, or clip_l and clip_g)."""
-        return {key: embedding.new_vectors for key, embedding in self.embeddings.items()}
+        """The run's own embedding's trainable rows by embedding key (emb_params, or clip_l and clip_g)."""
+        return self.trained[self.token]
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.vectors.values())
+        """Every trainable row block: the run's embedding and, with APT, its negative one."""
+        return [vectors for embedding in self.trained.values() for vectors in embedding.values()]
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +178,9 @@ class TextualInversion:
         """Token ids [batch, 77] per text encoder, each padded by its own tokenizer's rule."""
         for prompt in prompts:
             if prompt not in self._ids_cache:
-                expanded = expand_trigger(prompt, self.token, self.vector_count)
+                expanded = prompt
+                for name, count in self.counts.items():
+                    expanded = expand_trigger(expanded, name, count)
                 self._ids_cache[prompt] = [tokenize_prompts(tokenizer, [expanded], slot.pad_with_eos)[0] for slot, tokenizer, _ in self.slots]
         return [torch.stack([self._ids_cache[p][index] for p in prompts]).to(self.device) for index in range(len(self.slots))]
 
@@ -132,27 +196,57 @@ class TextualInversion:
     def context(self, prompts: list[str]) -> torch.Tensor:
         return self.conditioning(prompts).context
 
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str], time_ids: torch.Tensor | None) -> torch.Tensor:
+        """The UNet's prediction for the prompts; with APT, DreamArtist's neg + cfg_scale·(pos − neg) from one batched pass."""
+        unet = self.bundle.unet
+        if self.apt is None:
+            return unet(noisy.to(unet.dtype), timesteps, **self.conditioning(prompts).unet_inputs(unet.dtype, time_ids)).sample
+        negatives = [negative_prompt(prompt, self.token, self.negative_token) for prompt in prompts]
+        both = self.conditioning(prompts + negatives)  # one text-encoder pass, one UNet pass over twice the batch
+        doubled = torch.cat([time_ids, time_ids]) if time_ids is not None else None
+        positive, negative = unet(torch.cat([noisy, noisy]).to(unet.dtype), torch.cat([timesteps, timesteps]),
+                                  **both.unet_inputs(unet.dtype, doubled)).sample.chunk(2)
+        return negative + self.apt.cfg_scale * (positive - negative)
+
     def loss(self, latents: torch.Tensor, prompts: list[str], noise: torch.Tensor, timesteps: torch.Tensor,
              sizes: list[tuple[int, ...] | None] | None = None) -> torch.Tensor:
         """Denoising loss for a batch: add noise → predict it from the prompt → mean squared error.
 
         `sizes` are the images' SDXL size conditions (LatentExample.size_condition); other families ignore them.
         """
-        scheduler = self.bundle.scheduler
-        latents = latents * self.bundle.family.vae_scaling_factor  # the UNet works on scaled latents
+        scheduler, family = self.bundle.scheduler, self.bundle.family
+        latents = latents * family.vae_scaling_factor  # the UNet works on scaled latents
         noisy = scheduler.add_noise(latents, noise, timesteps)  # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
-        unet = self.bundle.unet
-        time_ids = size_time_ids(sizes or [None] * len(prompts), tuple(latents.shape[-2:])) if self.bundle.family.size_conditioning else None
-        prediction = unet(noisy.to(unet.dtype), timesteps, **self.conditioning(prompts).unet_inputs(unet.dtype, time_ids)).sample
-        if self.bundle.family.prediction_type == "v_prediction":
+        time_ids = size_time_ids(sizes or [None] * len(prompts), tuple(latents.shape[-2:])) if family.size_conditioning else None
+        prediction = self.predict(noisy, timesteps, prompts, time_ids)
+        if family.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)  # v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
         else:
             target = noise  # eps-prediction
-        return F.mse_loss(prediction.float(), target.float())
+        loss = F.mse_loss(prediction.float(), target.float())
+        if self.apt is not None and self.apt.reconstruction:
+            loss = loss + self.apt.reconstruction_weight * self.reconstruction_loss(latents, noisy, prediction, timesteps)
+        return loss
 
-    def load_vectors(self, vectors: dict[str, torch.Tensor], source: str) -> None:
-        """Put an embedding's (or a saved state's) vectors in place of the trainable rows."""
-        for key, parameter in self.vectors.items():
+    def reconstruction_loss(self, latents: torch.Tensor, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """DreamArtist's pixel loss: L1 between the decoded x0 the prediction implies and the image as the VAE decodes it.
+
+        The cache holds latents, not pixels, so the image is the VAE's decoding of its clean latent:
+        the loss then measures what the prediction misses, not the VAE's own error.
+        """
+        alpha = self.bundle.scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, 1, 1, 1)
+        if self.bundle.family.prediction_type == "v_prediction":
+            predicted = alpha.sqrt() * noisy - (1 - alpha).sqrt() * prediction.float()  # x0 = sqrt(a) x_t - sqrt(1 - a) v
+        else:
+            predicted = (noisy - (1 - alpha).sqrt() * prediction.float()) / alpha.sqrt()  # x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)
+        vae, scale = self.bundle.vae, self.bundle.family.vae_scaling_factor
+        with torch.no_grad():
+            image = vae.decode((latents / scale).to(vae.dtype)).sample
+        return F.l1_loss(vae.decode((predicted / scale).to(vae.dtype)).sample.float(), image.float())
+
+    def load_vectors(self, vectors: dict[str, torch.Tensor], source: str, name: str | None = None) -> None:
+        """Put an embedding's (or a saved state's) vectors in place of the trainable rows of `name` (the run's own by default)."""
+        for key, parameter in self.trained[name or self.token].items():
             if key not in vectors or vectors[key].shape != parameter.shape:
                 got = tuple(vectors[key].shape) if key in vectors else "nothing"
                 raise InputError(f"{source}: {key} is {got}, but the run's vectors are {tuple(parameter.shape)}; "
@@ -160,9 +254,16 @@ class TextualInversion:
             with torch.no_grad():
                 parameter.copy_(vectors[key])
 
-    def current_embedding(self, name: str, step: int) -> Embedding:
-        return Embedding(name, {key: vector.detach().float().cpu().contiguous() for key, vector in self.vectors.items()},
+    def current_embedding(self, name: str, step: int, vectors: dict[str, torch.Tensor] | None = None) -> Embedding:
+        vectors = self.vectors if vectors is None else vectors
+        return Embedding(name, {key: vector.detach().float().cpu().contiguous() for key, vector in vectors.items()},
                          step=step, checkpoint_hash=self.bundle.identity, checkpoint_name=self.bundle.display_name)
+
+    def current_embeddings(self, name: str, step: int, vectors: dict[str, dict[str, torch.Tensor]] | None = None) -> list[Embedding]:
+        """The run's embedding named `name` and, with APT, its negative one named `name`-neg (DreamArtist's file names)."""
+        vectors = self.trained if vectors is None else vectors
+        return [self.current_embedding(name + suffix, step, vectors[self.token + suffix])
+                for suffix in ("", NEGATIVE_SUFFIX)[: len(self.trained)]]
 
 
 def use_deterministic_kernels(enabled: bool, device: torch.device) -> None:

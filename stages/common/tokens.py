@@ -35,10 +35,20 @@ def initial_vectors(tokenizer, token_embedding: torch.Tensor, init_text: str, ve
     return result
 
 
+def _whole_word(trigger: str) -> str:
+    # `demotok-neg` and `mydemotok` are other words: a trigger ends at a letter, digit, _ or - boundary
+    return rf"(?<![\w-]){re.escape(trigger)}(?![\w-])"
+
+
 def expand_trigger(prompt: str, trigger: str, vectors: int) -> str:
     """Replace each whole-word trigger with the embedding's tokens (`demotok` → `demotok demotok_1`)."""
     tokens = " ".join(placeholder_tokens(trigger, vectors))
-    return re.sub(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", tokens, prompt)
+    return re.sub(_whole_word(trigger), tokens, prompt)
+
+
+def negative_prompt(prompt: str, trigger: str, negative_trigger: str) -> str:
+    """APT's negative prompt: the training prompt with the trigger word swapped for the negative embedding's (DreamArtist's rule)."""
+    return re.sub(_whole_word(trigger), negative_trigger, prompt)
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], pad_with_eos: bool = True) -> torch.Tensor:
@@ -56,27 +66,37 @@ class TrainableTokenEmbedding(nn.Module):
     No gradient, optimizer state or write-back ever touches the 49,408 base rows.
     """
 
-    def __init__(self, base: nn.Embedding, new_vectors: torch.Tensor):
+    def __init__(self, base: nn.Embedding, *blocks: torch.Tensor):
         super().__init__()
         self.base_weight = base.weight  # shared with the text encoder, frozen
         self.base_size = base.weight.shape[0]
-        self.new_vectors = nn.Parameter(new_vectors.to(base.weight.dtype).clone())
+        # one block of rows per embedding, in the order their tokens were added (APT: the run's, then {run}-neg)
+        self.blocks = nn.ParameterList([nn.Parameter(block.to(base.weight.dtype).clone()) for block in blocks])
+
+    @property
+    def new_vectors(self) -> nn.Parameter:
+        """The first (the run's own) embedding's rows."""
+        return self.blocks[0]
+
+    def new_rows(self) -> torch.Tensor:
+        return self.blocks[0] if len(self.blocks) == 1 else torch.cat(list(self.blocks))
 
     @property
     def weight(self) -> torch.Tensor:  # what code asking the embedding for its matrix expects
-        return torch.cat([self.base_weight, self.new_vectors.detach()])
+        return torch.cat([self.base_weight, self.new_rows().detach()])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_new = input_ids >= self.base_size
         base = nn.functional.embedding(input_ids.clamp(max=self.base_size - 1), self.base_weight)
-        new = self.new_vectors[(input_ids - self.base_size).clamp(min=0, max=self.new_vectors.shape[0] - 1)]
+        rows = self.new_rows()
+        new = rows[(input_ids - self.base_size).clamp(min=0, max=rows.shape[0] - 1)]
         return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
 
 
-def install_trainable_embedding(text_encoder: nn.Module, new_vectors: torch.Tensor) -> TrainableTokenEmbedding:
-    """Swap the text encoder's token embedding for one with trainable new rows; return it."""
+def install_trainable_embedding(text_encoder: nn.Module, *blocks: torch.Tensor) -> TrainableTokenEmbedding:
+    """Swap the text encoder's token embedding for one whose new rows (one block per embedding) are trainable; return it."""
     embeddings = text_encoder.get_input_embeddings()
-    trainable = TrainableTokenEmbedding(embeddings, new_vectors)
+    trainable = TrainableTokenEmbedding(embeddings, *blocks)
     text_encoder.set_input_embeddings(trainable)
     return trainable
 

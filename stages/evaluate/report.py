@@ -35,6 +35,7 @@ from stages.evaluate.validation import (
     starting_checkpoint,
 )
 from stages.common.latents import load_examples, split_validation
+from stages.common.textual_inversion import NEGATIVE_SUFFIX, AptSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,15 @@ class RunToEvaluate:
     validation_split: float  # train.validation_split: score on the images training held out
     init_text: str  # where training started, scored as the baseline row
     init_from: str | None
+    apt: AptSettings | None = None  # DreamArtist's APT: the run also trained {run}-neg
+    seed: int = 0  # train.seed: APT's negative start is drawn from it
 
     @classmethod
     def from_run_settings(cls, name: str, settings: dict, train_dir: Path, latents_dir: Path, captions_dir: Path) -> "RunToEvaluate":
         """From the run's merged, schema-checked settings (config.run_settings)."""
         return cls(name, settings["token"], settings["template"], train_dir, latents_dir, captions_dir,
-                   settings["validation_split"], settings["init_text"], settings.get("init_from"))
+                   settings["validation_split"], settings["init_text"], settings.get("init_from"),
+                   AptSettings.from_section(settings.get("apt")), settings["seed"])
 
 
 def plot_loss(loss_csv: Path, validation: pd.DataFrame | None, target: Path) -> None:
@@ -81,36 +85,39 @@ def save_png(image, target: Path) -> None:
 def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: tuple[int, int], out_dir: Path,
                  clip_skip: int = 1, progress=None) -> dict:
     """Write every evaluate output for `run` into out_dir; return the metrics (also in metrics.json)."""
-    saved = load_checkpoints(bundle, run.train_dir, run.name)
+    saved = load_checkpoints(bundle, run.train_dir, run.name, paired=run.apt is not None)
     embeddings = {checkpoint.step: embedding for checkpoint, embedding in saved}
     first, final = saved[0][1], saved[-1][0]
-    start, start_embedding = starting_checkpoint(bundle, run.name, run.init_text, run.init_from, first.vector_count)  # before the token exists
+    # before the token exists
+    start, start_embedding = starting_checkpoint(bundle, run.name, run.init_text, run.init_from, first.vector_count, run.apt, run.seed)
     trained_on, held_out = split_validation(load_examples(run.latents_dir, run.captions_dir), run.validation_split)
     examples = held_out or trained_on  # the same split training made; without one, the training images
-    model = CheckpointModel(bundle, first, run.token, run.template, clip_skip)
+    model = CheckpointModel(bundle, first, run.token, run.template, clip_skip, run.apt, saved[0][0].negative)
+    negatives = {checkpoint.step: checkpoint.negative for checkpoint, _ in saved}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     validation = score_checkpoints(model, examples, [(start, start_embedding)] + saved, bundle.scheduler.config.num_train_timesteps,
                                    section["validation_samples"], section["validation_seed"], progress)
     write_csv_atomic(out_dir / "val_loss.csv", validation)
     best = best_step(validation)
-    best_files = save_embedding_files(embeddings[best], out_dir / "best", run.name)
+    best_pair = [(run.name, embeddings[best])] + ([(run.name + NEGATIVE_SUFFIX, negatives[best])] if negatives[best] else [])
+    best_files = [path for stem, embedding in best_pair for path in save_embedding_files(embedding, out_dir / "best", stem)]
     plot_loss(run.train_dir / "loss.csv", validation, out_dir / "loss.png")
 
     pipeline = build_pipeline(bundle)
     prompts = [p.replace("[name]", run.token) for p in section["prompts"]]
     seeds, render = section["seeds"], (size, section["steps"], section["guidance_scale"])
-    negative = model.conditioning([""])
-    model.use(embeddings[final.step], final.source)
-    rows = render_samples(pipeline, [model.conditioning([p]) for p in prompts], negative, seeds, *render)
+    negative_prompt = [model.model.negative_token or ""]  # APT: {run}-neg is the negative prompt, as DreamArtist uses it
+    model.use(embeddings[final.step], final.source, negatives[final.step])
+    rows = render_samples(pipeline, [model.conditioning([p]) for p in prompts], model.conditioning(negative_prompt), seeds, *render)
     save_png(compose_grid(rows, prompts, seeds), out_dir / "grid.png")
 
     shown = spread_steps(sorted(embeddings), section["checkpoint_grid"], best)
     rows, labels = [], []
-    for label, embedding in ([("start", start_embedding)] if shown else []) + [
-            (f"step {step}{' (best)' if step == best else ''}", embeddings[step]) for step in shown]:  # short: cells can be 64 px
-        model.use(embedding, label)
-        rows += render_samples(pipeline, [model.conditioning(prompts[:1])], negative, seeds, *render)
+    for label, embedding, negative in ([("start", start_embedding, start.negative)] if shown else []) + [
+            (f"step {step}{' (best)' if step == best else ''}", embeddings[step], negatives[step]) for step in shown]:  # short: cells can be 64 px
+        model.use(embedding, label, negative)
+        rows += render_samples(pipeline, [model.conditioning(prompts[:1])], model.conditioning(negative_prompt), seeds, *render)
         labels.append(label)
     if rows:
         save_png(compose_grid(rows, labels, seeds), out_dir / "checkpoints.png")

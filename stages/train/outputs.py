@@ -28,10 +28,11 @@ class RunOutputs:
         self.folder, self.name = folder, name
 
     def save_snapshot(self, embedding: Embedding) -> None:
-        save_embedding_files(embedding, self.folder / "steps", f"{self.name}-{embedding.step}")
+        """steps/{name}.*: a snapshot is named {run}-{step} (APT's negative: {run}-{step}-neg)."""
+        save_embedding_files(embedding, self.folder / "steps", embedding.name)
 
     def save_interrupted(self, embedding: Embedding) -> None:
-        save_embedding_files(embedding, self.folder / "interrupted", f"{self.name}-{embedding.step}")
+        save_embedding_files(embedding, self.folder / "interrupted", embedding.name)
 
     def write_loss_log(self, rows: list[dict]) -> None:
         write_csv_atomic(self.folder / "loss.csv", pd.DataFrame(rows, columns=LOSS_COLUMNS))
@@ -41,11 +42,17 @@ class RunOutputs:
         with open(self.folder / "loss.csv", "a", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerow([row[column] for column in LOSS_COLUMNS])
 
-    def save_final(self, embedding: Embedding, snapshot: Embedding, rows: list[dict]) -> None:
-        """{run}.* and, as `snapshot` (named {run}-{step}), steps/{run}-{step}.*: the final step is a checkpoint too."""
+    def save_final(self, embeddings: list[Embedding], snapshots: list[Embedding], rows: list[dict]) -> None:
+        """{run}.* and, as snapshots (named {run}-{step}), steps/{run}-{step}.*: the final step is a checkpoint too.
+
+        With APT the lists also hold {run}-neg; the run's own {run}.safetensors, the file Snakemake
+        waits for, is written last, so its presence means the pair is complete.
+        """
         self.write_loss_log(rows)
-        self.save_snapshot(snapshot)
-        save_embedding_files(embedding, self.folder, self.name)
+        for snapshot in snapshots:
+            self.save_snapshot(snapshot)
+        for embedding in reversed(embeddings):
+            save_embedding_files(embedding, self.folder, embedding.name)
 
     def set_aside_earlier_snapshots(self) -> Path | None:
         """Move the files an earlier training left in steps/ and interrupted/ into steps/earlier-<time>/; return that folder.

@@ -20,7 +20,9 @@ def make_previewer(bundle: ModelBundle, preview: dict, trigger: str, size: tuple
     def render(model, step: int) -> None:
         # the context comes from tiflow's own encoder, so the vectors being trained are used as they are now
         with torch.no_grad():
-            positive, negative = model.conditioning([prompt]), model.conditioning([preview["negative_prompt"]])
+            # APT: the negative embedding leads the negative prompt, as DreamArtist's previews use it
+            negative_prompt = ", ".join(filter(None, (model.negative_token, preview["negative_prompt"])))
+            positive, negative = model.conditioning([prompt]), model.conditioning([negative_prompt])
         image = sample_image(pipeline, preview["seed"], (width, height), preview["steps"], preview["guidance_scale"], positive, negative)
         # AUTOMATIC1111's "save images with embedding in PNG chunks": the preview is itself a loadable embedding
         save_png_embedding(model.current_embedding(outputs.name, step), outputs.preview_path(step), image=image)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from stages.common.config import ConfigError, run_settings, section_record_values, validate_config
+from stages.common.textual_inversion import AptSettings
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TrainSettings:
     preview_every: int
     preview: dict
     tensorboard: bool
+    apt: AptSettings | None  # DreamArtist's APT: also train {run}-neg; None = plain Textual Inversion
     clip_skip: int  # model.clip_skip: the text-encoder layer the embedding is trained on
 
     def __post_init__(self) -> None:
@@ -56,7 +58,7 @@ class TrainSettings:
     def from_section(cls, section: dict, name: str, clip_skip: int) -> "TrainSettings":
         """From one run's merged, schema-checked settings (run_settings); an unknown key is refused."""
         values = section_record_values(cls, dict(section, name=name, clip_skip=clip_skip), f"runs.{name}", "train")
-        return cls(**values)
+        return cls(**dict(values, apt=AptSettings.from_section(values["apt"])))
 
     @classmethod
     def from_schema(cls, name: str, model: dict | None = None, **values) -> "TrainSettings":

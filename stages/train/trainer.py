@@ -19,6 +19,7 @@ from stages.common.textual_inversion import (
     ComputeOptions,
     TextualInversion,
     fixed_probe,
+    negative_starting_point,
     pick_device,
     prepare_modules,
     probe_loss,
@@ -36,13 +37,14 @@ from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 3  # the resume state's layout (3: vectors by embedding key); another version starts over instead of failing
+STATE_VERSION = 3  # the resume state's layout (3: vectors by embedding name and key, APT's EMA); another version starts over instead of failing
 
 
 @dataclass
 class TrainResult:
     embedding: Embedding
     initial_vectors: dict[str, torch.Tensor]  # by embedding key, as Embedding.vectors
+    negative: Embedding | None = None  # APT: the {run}-neg embedding written beside it
     losses: list[float] = field(default_factory=list)
     probe_loss_start: float = float("nan")  # loss on fixed noise and timesteps, before the first step
     probe_loss_end: float = float("nan")  # the same after the last step: comparable, unlike step losses
@@ -63,14 +65,19 @@ class Trainer:
         self.device = pick_device()
         if start_vectors is None:  # no init_from read by the caller: init_text's words (or init_from's file)
             start_vectors, start_step = starting_point(bundle, settings.init_text, settings.init_from, settings.vectors)
-        self.model = TextualInversion(bundle, settings.token, start_vectors, settings.clip_skip)
+        negative_start = negative_starting_point(bundle, settings.apt, settings.seed) if settings.apt else None
+        self.model = TextualInversion(bundle, settings.token, start_vectors, settings.clip_skip, settings.apt, negative_start)
         options = ComputeOptions(settings.precision, settings.gradient_checkpointing, settings.channels_last, settings.compile, settings.deterministic)
         self.dtype = prepare_modules(bundle, options, self.device)
         # the frozen encoders may now be fp16/bf16, which rounded the vectors they hold; the trained
         # vectors stay fp32 (the master copy) and start from the unrounded starting vectors
-        for key, vectors in self.model.vectors.items():
-            vectors.data = self.model.initial[key].detach().clone().to(device=self.device, dtype=torch.float32)
+        for name, embedding in self.model.trained.items():
+            for key, vectors in embedding.items():
+                vectors.data = self.model.starts[name][key].detach().clone().to(device=self.device, dtype=torch.float32)
         self.optimizer = build_optimizer(self.model.parameters, settings.optimizer, settings.weight_decay, self.device)
+        # APT's moving average of both embeddings (DreamArtist's EMA); the files are written from it
+        self.ema = ({name: {key: v.detach().clone() for key, v in embedding.items()} for name, embedding in self.model.trained.items()}
+                    if settings.apt and settings.apt.ema else None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.rate = LearningRate(settings.learning_rate, settings.lr_scheduler, settings.lr_warmup_steps, settings.steps, start_step)
         if self.rate.steps_to_take <= 0:
@@ -95,7 +102,7 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "step": self.step, "base_step": self.base_step, "skipped": self.skipped, "vectors": {key: v.detach().cpu() for key, v in self.model.vectors.items()},
+            "step": self.step, "base_step": self.base_step, "skipped": self.skipped, "vectors": _cpu(self.model.trained), "ema": _cpu(self.ema) if self.ema else None,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "order": self.order.state_dict(),
             "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate(),
             "log_rows": self.log_rows, "probe_start": self.probe_start, "settings": asdict(self.settings),
@@ -103,7 +110,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_vectors(state["vectors"], str(self.store.path))
+        for name, vectors in state["vectors"].items():
+            self.model.load_vectors(vectors, str(self.store.path), name)
+        if self.ema is not None:
+            self.ema = {name: {key: v.to(self.device) for key, v in embedding.items()} for name, embedding in state["ema"].items()}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.order.load_state_dict(state["order"])
@@ -115,8 +125,9 @@ class Trainer:
     def save_checkpoint(self, interrupted: bool = False) -> None:
         """Snapshot embedding (steps/, or interrupted/ for a stop signal's) and the full state in the resume store."""
         step = self.base_step + self.step
-        snapshot = self.model.current_embedding(f"{self.settings.name}-{step}", step)  # AUTOMATIC1111 names snapshots name-N
-        (self.outputs.save_interrupted if interrupted else self.outputs.save_snapshot)(snapshot)
+        # AUTOMATIC1111 names snapshots name-N (DreamArtist's negative: name-N-neg)
+        for snapshot in self.model.current_embeddings(f"{self.settings.name}-{step}", step, self.ema):
+            (self.outputs.save_interrupted if interrupted else self.outputs.save_snapshot)(snapshot)
         self.outputs.write_loss_log(self.log_rows)
         self.store.save(self.state_dict())
 
@@ -162,6 +173,12 @@ class Trainer:
         self.scaler.step(self.optimizer)  # with fp16 loss scaling, an overflowed step is skipped here
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            decay = self.settings.apt.ema
+            with torch.no_grad():
+                for name, embedding in self.model.trained.items():
+                    for key, vectors in embedding.items():
+                        self.ema[name][key].mul_(decay).add_(vectors.detach(), alpha=1 - decay)  # ema = d·ema + (1 − d)·vectors
         return step_loss
 
     # -- the run ------------------------------------------------------------------------------
@@ -200,14 +217,20 @@ class Trainer:
                     raise TrainingInterrupted(self.base_step + self.step, stop.signal_name)
                 if s.save_every and self.step % s.save_every == 0 and self.step < self.rate.steps_to_take:
                     self.save_checkpoint()
-        final = self.model.current_embedding(s.name, self.rate.end)
-        self.outputs.save_final(final, self.model.current_embedding(f"{s.name}-{self.rate.end}", self.rate.end), self.log_rows)
+        finals = self.model.current_embeddings(s.name, self.rate.end, self.ema)
+        self.outputs.save_final(finals, self.model.current_embeddings(f"{s.name}-{self.rate.end}", self.rate.end, self.ema), self.log_rows)
+        final = finals[0]
         self.store.save(self.state_dict())  # a deleted output can be rewritten from here without training
         return TrainResult(
-            embedding=final, initial_vectors=self.model.initial, losses=[row["loss"] for row in self.log_rows],
+            embedding=final, initial_vectors=self.model.initial, negative=finals[1] if len(finals) > 1 else None,
+            losses=[row["loss"] for row in self.log_rows],
             probe_loss_start=self.probe_start, probe_loss_end=probe_loss(self.model, self.examples, self.probe, self.probe_prompts),
             resumed_from=resumed_from, skipped_steps=self.skipped,
         )
+
+
+def _cpu(vectors: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {key: v.detach().cpu().clone() for key, v in embedding.items()} for name, embedding in vectors.items()}
 
 
 def _as_random_state(state) -> tuple:
