@@ -215,3 +215,25 @@ def test_nan_steps_of_an_apt_run_are_skipped_and_never_reach_a_file(demo_prepare
     assert 0 < result.skipped_steps < 6
     for name in ("aptok", "aptok-neg"):
         assert torch.isfinite(load_file(str(tmp_path / f"{name}.safetensors"))["emb_params"]).all(), name
+
+
+def test_the_commented_apt_run_in_config_yaml_runs_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    text = (REPO / "config.yaml").read_text()
+    lines = [line.replace("  # ", "  ", 1) for line in text.splitlines() if line.startswith(("  # demoapt:", "  #           apt:"))]
+    config = yaml.safe_load(text)
+    config["runs"] = yaml.safe_load("\n".join(line[2:] for line in lines))  # the APT run alone, as uncommented
+    assert config["runs"]["demoapt"]["apt"]["cfg_scale"] == 3 and config["runs"]["demoapt"]["apt"]["ema"] == 0.97
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = tmp_path / "out" / "train" / "demoapt"
+    assert {p.name for p in train.glob("demoapt*")} == {"demoapt.safetensors", "demoapt.pt", "demoapt-neg.safetensors", "demoapt-neg.pt"}
+    assert (tmp_path / "out" / "evaluate" / "demoapt" / "best" / "demoapt-neg.safetensors").is_file()

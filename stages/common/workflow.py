@@ -17,7 +17,6 @@ STAGE_SECTIONS = {
     "evaluate": ("out_dir", "model", "evaluate", "runs", "preprocess"),
     "overview": ("out_dir", "runs"),
 }
-from stages.common.errors import MissingInput
 
 
 def to_json(value) -> str:
@@ -53,7 +52,8 @@ def train_inputs(config: dict, run: str) -> list[str]:
     return [start] if start else []
 
 
-EVALUATE_RUN_KEYS = ("token", "template", "validation_split", "init_text", "init_from")  # the run settings evaluate reads
+# the run settings evaluate reads: prompts, held-out images, starting vectors; APT's settings and the seed its negative start comes from
+EVALUATE_RUN_KEYS = ("token", "template", "validation_split", "init_text", "init_from", "apt", "seed")
 
 
 def stage_settings(config: dict, stage: str, run: str | None = None) -> str:
