@@ -56,7 +56,7 @@ def test_only_the_new_rows_receive_gradients(tiny_bundle):
     add_placeholder_tokens(tokenizer, "zzqtok", 2)
     base_before = encoder.get_input_embeddings().weight.detach().clone()
     trainable = install_trainable_embedding(encoder, torch.randn(2, base_before.shape[1]))
-    assert [name for name, p in encoder.named_parameters() if p.requires_grad] == ["embeddings.token_embedding.new_vectors"]
+    assert [name for name, p in encoder.named_parameters() if p.requires_grad] == ["embeddings.token_embedding.blocks.0"]
     ids = tokenize_prompts(tokenizer, [expand_trigger("a photo of zzqtok", "zzqtok", 2)])
     encode_prompt_ids(encoder, ids).pow(2).mean().backward()
     assert trainable.new_vectors.grad is not None and trainable.new_vectors.grad.abs().sum() > 0
