@@ -119,3 +119,17 @@ def test_convert_refuses_unsafe_input_and_writes_nothing(tmp_path, capsys):
         assert main(["convert", str(path), "--to", "safetensors", "-o", str(out)]) == 1
         assert reason in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_inspect_names_an_apt_pair_from_either_side(tmp_path, capsys):
+    save_safetensors(Embedding("mychar", {"emb_params": torch.randn(3, 768)}, step=40), tmp_path / "mychar.safetensors")
+    save_safetensors(Embedding("mychar-neg", {"emb_params": torch.randn(6, 768)}, step=40), tmp_path / "mychar-neg.safetensors")
+    assert main(["inspect", str(tmp_path / "mychar.safetensors")]) == 0
+    shown = capsys.readouterr().out
+    assert "this is the positive embedding; its partner is mychar-neg.safetensors (6 vectors, step 40)" in shown
+    assert "write mychar in the prompt and mychar-neg in the negative prompt" in shown
+    assert main(["inspect", str(tmp_path / "mychar-neg.safetensors")]) == 0
+    assert "this is the negative embedding; its partner is mychar.safetensors (3 vectors" in capsys.readouterr().out
+    (tmp_path / "mychar-neg.safetensors").unlink()
+    assert main(["inspect", str(tmp_path / "mychar.safetensors")]) == 0
+    assert "APT pair" not in capsys.readouterr().out  # a plain embedding says nothing of pairs
