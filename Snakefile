@@ -2,11 +2,13 @@
 # Rules only; every rule calls a stage program that also runs by hand (python -m stages.<name>).
 import sys
 
-from stages.common.config import ConfigError, check_yaml_syntax, validate_config
+from snakemake.exceptions import WorkflowError
+
+from stages.common.config import ConfigError, check_yaml_syntax, own_runs, sweep_points, validate_config
 from stages.common.preflight import check_before_work
 from stages.common.snakelock import defer_sigterm_handler, remove_stale_lock
 from stages.common.layout import StageDirs
-from stages.common.workflow import dataset_inputs, model_inputs, stage_settings, tagger_inputs, train_inputs
+from stages.common.workflow import dataset_inputs, model_inputs, stage_settings, tagger_inputs, to_json, train_inputs
 
 try:
     check_yaml_syntax("config.yaml")  # Snakemake's own message for a YAML error names no line
@@ -14,6 +16,11 @@ except ConfigError as error:
     sys.exit(f"tiflow: {error}")
 
 configfile: "config.yaml"
+
+try:
+    own_runs(config, workflow.overwrite_configfiles)  # runs: in a --configfile replace config.yaml's instead of adding to them
+except ConfigError as error:
+    sys.exit(f"tiflow: {error}")
 
 MAIN = workflow.exec_mode.name == "DEFAULT"  # the snakemake a user started, not a cluster job's own
 
@@ -29,12 +36,20 @@ if MAIN:
     for lock in remove_stale_lock():
         print(f"tiflow: removed {lock}, left by a snakemake that was stopped hard (none runs in this folder now)", file=sys.stderr)
 
-PY = sys.executable  # the interpreter snakemake runs in, so stages see the same packages
+ENV = "envs/tiflow.yaml"  # the software every rule runs, for snakemake --use-conda; `make` installs the same into .venv
+USES_CONDA = any(method.name == "CONDA" for method in workflow.deployment_settings.deployment_method)
+PY = "python" if USES_CONDA else sys.executable  # the env's python, else the one snakemake runs in (the stages' packages)
 DIRS = StageDirs(config["out_dir"])  # the out/ layout, shared with every stage
 RUN = "{run}"  # Snakemake's wildcard, placed by the layout like any run name
+try:
+    CORES = workflow.cores  # --cores N: what the stages that use every core get
+except WorkflowError:
+    CORES = 1  # no --cores: snakemake --report, --lint or a cluster profile, whose set-threads decide
 RUNS = list(config["runs"])
 
 localrules: all, overview  # on a cluster, these need no job of their own
+
+report: "report/workflow.rst"  # snakemake --report report.html: the grids, loss plots and metrics of every run
 
 
 rule all:
@@ -49,12 +64,15 @@ rule preprocess:
         manifest=f"{DIRS.preprocess}/manifest.csv",
         skipped=f"{DIRS.preprocess}/skipped.csv",
     params:
+        python=PY,
         settings=stage_settings(config, "preprocess"),
     log:
         DIRS.log("preprocess"),
-    threads: workflow.cores
+    threads: CORES
+    conda:
+        ENV
     shell:
-        "{PY} -m stages.preprocess --settings {params.settings:q} --threads {threads} --log {log:q}"
+        "{params.python} -m stages.preprocess --settings {params.settings:q} --threads {threads} --log {log:q}"
 
 
 rule caption:
@@ -64,12 +82,15 @@ rule caption:
     output:
         f"{DIRS.caption}/captions.csv",
     params:
+        python=PY,
         settings=stage_settings(config, "caption"),
     log:
         DIRS.log("caption"),
-    threads: workflow.cores if tagger_inputs(config["caption"]) else 1
+    threads: CORES if tagger_inputs(config["caption"]) else 1
+    conda:
+        ENV
     shell:
-        "{PY} -m stages.caption --settings {params.settings:q} --threads {threads} --log {log:q}"
+        "{params.python} -m stages.caption --settings {params.settings:q} --threads {threads} --log {log:q}"
 
 
 rule cache_latents:
@@ -79,12 +100,15 @@ rule cache_latents:
     output:
         f"{DIRS.latents}/manifest.csv",
     params:
+        python=PY,
         settings=stage_settings(config, "cache_latents"),
     log:
         DIRS.log("cache_latents"),
-    threads: workflow.cores
+    threads: CORES
+    conda:
+        ENV
     shell:
-        "{PY} -m stages.cache_latents --settings {params.settings:q} --threads {threads} --log {log:q}"
+        "{params.python} -m stages.cache_latents --settings {params.settings:q} --threads {threads} --log {log:q}"
 
 
 rule train:
@@ -98,12 +122,15 @@ rule train:
         a1111=f"{DIRS.train(RUN)}/{RUN}.pt",
         loss=f"{DIRS.train(RUN)}/loss.csv",
     params:
+        python=PY,
         settings=lambda wildcards: stage_settings(config, "train", wildcards.run),
     log:
         DIRS.log(f"train_{RUN}"),
-    threads: workflow.cores
+    threads: CORES
+    conda:
+        ENV
     shell:
-        "{PY} -m stages.train --settings {params.settings:q} --run {wildcards.run:q} --log {log:q}"
+        "{params.python} -m stages.train --settings {params.settings:q} --run {wildcards.run:q} --log {log:q}"
 
 
 rule evaluate:
@@ -114,19 +141,26 @@ rule evaluate:
         captions=rules.caption.output,
         model=model_inputs(config),
     output:
-        grid=f"{DIRS.evaluate(RUN)}/grid.png",
-        loss=f"{DIRS.evaluate(RUN)}/loss.png",
-        val_loss=f"{DIRS.evaluate(RUN)}/val_loss.csv",
-        metrics=f"{DIRS.evaluate(RUN)}/metrics.json",
+        grid=report(f"{DIRS.evaluate(RUN)}/grid.png", caption="report/grid.rst", category="Runs", subcategory=RUN,
+                    labels={"run": RUN, "figure": "samples"}),
+        loss=report(f"{DIRS.evaluate(RUN)}/loss.png", caption="report/loss.rst", category="Runs", subcategory=RUN,
+                    labels={"run": RUN, "figure": "loss"}),
+        val_loss=report(f"{DIRS.evaluate(RUN)}/val_loss.csv", caption="report/val_loss.rst", category="Runs", subcategory=RUN,
+                        labels={"run": RUN, "figure": "validation loss table"}),
+        metrics=report(f"{DIRS.evaluate(RUN)}/metrics.json", caption="report/metrics.rst", category="Runs", subcategory=RUN,
+                       labels={"run": RUN, "figure": "metrics"}),
         report=f"{DIRS.evaluate(RUN)}/index.html",
         best=f"{DIRS.evaluate(RUN)}/best/{RUN}.safetensors",
     params:
+        python=PY,
         settings=lambda wildcards: stage_settings(config, "evaluate", wildcards.run),
     log:
         DIRS.log(f"evaluate_{RUN}"),
-    threads: workflow.cores
+    threads: CORES
+    conda:
+        ENV
     shell:
-        "{PY} -m stages.evaluate --settings {params.settings:q} --run {wildcards.run:q} --log {log:q}"
+        "{params.python} -m stages.evaluate --settings {params.settings:q} --run {wildcards.run:q} --log {log:q}"
 
 
 rule overview:
@@ -135,11 +169,16 @@ rule overview:
         expand(f"{DIRS.evaluate(RUN)}/val_loss.csv", run=RUNS),
     output:
         report=f"{DIRS.evaluate_root}/index.html",
-        plot=f"{DIRS.evaluate_root}/val_loss.png",
+        plot=report(f"{DIRS.evaluate_root}/val_loss.png", caption="report/overview.rst", category="Comparison",
+                    labels={"figure": "validation loss of every run"}),
     params:
+        python=PY,
         out=DIRS.evaluate_root,
         runs=" ".join(f"'{run}'" for run in RUNS),
+        sweeps=to_json(sweep_points(config.get("sweeps"))),  # each sweep's runs, ranked on the page
     log:
         DIRS.log("overview"),
+    conda:
+        ENV
     shell:
-        "{PY} -m stages.evaluate --overview --out {params.out:q} --runs {params.runs} --log {log:q}"
+        "{params.python} -m stages.evaluate --overview --out {params.out:q} --runs {params.runs} --sweeps {params.sweeps:q} --log {log:q}"

@@ -110,3 +110,21 @@ def test_a_failed_preprocess_keeps_its_skip_reasons_readable(tmp_path):
     assert not (tmp_path / "out/preprocess/skipped.csv").exists()  # Snakemake removed the failed job's outputs...
     for shown in (result.stderr, (tmp_path / "out/logs/preprocess.log").read_text()):  # ...and the reasons are still there to read
         assert "no usable image" in shown and "empty.png: empty file (0 bytes)" in shown and "fake.jpg: " in shown
+
+
+def test_the_snakemake_report_holds_the_runs_grid(finished_workflow):
+    import base64
+
+    report = finished_workflow / "report.html"
+    result = snakemake(finished_workflow, "--report", str(report))
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = report.read_text()
+    grid = (finished_workflow / "out/evaluate/demotok/grid.png").read_bytes()
+    assert base64.b64encode(grid).decode() in html  # the picture itself, embedded: the report is one self-contained file
+    assert "loss.png" in html and "metrics.json" in html
+
+
+def test_the_workflow_is_lint_clean():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(REPO), "--lint"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Lints for" not in result.stdout + result.stderr, result.stdout[-3000:]

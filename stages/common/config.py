@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import os
 import functools
+import itertools
+import os
+import re
 from pathlib import Path
 
 import jsonschema
@@ -65,6 +67,7 @@ def validate_config(config: dict, source: str = "config.yaml") -> dict:
         config = {}
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: the file must hold a mapping of keys (out_dir, model, dataset, ...), found {type(config).__name__}")
+    swept = expand_sweeps(config, source)
     # run entries override train.*; keep them as written so schema defaults don't mask train.*
     runs_as_written = copy.deepcopy(config.get("runs"))
     schema = load_schema()
@@ -73,11 +76,101 @@ def validate_config(config: dict, source: str = "config.yaml") -> dict:
     if errors:
         # the deepest error is the most specific (a oneOf/anyOf failure wraps the real reason)
         best = jsonschema.exceptions.best_match(errors)
-        raise ConfigError(_describe(best, source))
+        message = _describe(best, source)
+        path = list(best.absolute_path)
+        if len(path) > 1 and path[0] == "runs" and path[1] in swept:  # name the sweep the user wrote, not the run it made
+            sweep = swept[path[1]]
+            keys = {str(path[2])} if len(path) > 2 else set(best.instance) - set(best.schema.get("properties", {}))
+            part = "grid" if keys & set(config["sweeps"][sweep]["grid"]) else "base"
+            message = message.replace(f"runs.{path[1]}.", f"sweeps.{sweep}.{part}.")
+        raise ConfigError(message)
     if runs_as_written is not None:
         config["runs"] = {name: dict(overrides or {}) for name, overrides in runs_as_written.items()}
     _check_learning_rates(config, source)
     _expand_home(config)
+    return config
+
+
+def sweep_run_name(sweep: str, point: dict) -> str:
+    """A sweep run's name shows its grid values: mychar-learning_rate-0.01-vectors-2 (other characters become _)."""
+    parts = [sweep] + [f"{key}-{re.sub(r'[^A-Za-z0-9.]+', '_', str(value)).strip('_') or 'none'}" for key, value in point.items()]
+    return "-".join(parts)
+
+
+def sweep_points(sweeps: dict) -> dict[str, dict[str, dict]]:
+    """{sweep: {run name: its grid point}}, in grid order (the first key varies slowest)."""
+    points = {}
+    for sweep, spec in (sweeps or {}).items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not all(isinstance(v, list) for v in spec["grid"].values()):
+            continue  # the schema names the problem
+        grid = spec["grid"]
+        points[sweep] = {sweep_run_name(sweep, point): point
+                         for point in (dict(zip(grid, values)) for values in itertools.product(*grid.values()))}
+    return points
+
+
+def expand_sweeps(config: dict, source: str = "config.yaml") -> dict[str, str]:
+    """Add one run per grid point of each sweep to config["runs"]; return {run: sweep}.
+
+    Each run is the sweep's base keys plus its grid values, with token: NAME, so every run of a
+    sweep trains the same trigger word and their results compare on equal terms. Without a runs:
+    section, a config with sweeps trains only the sweeps (not the demo run).
+    """
+    sweeps = config.get("sweeps")
+    if not isinstance(sweeps, dict) or not sweeps:
+        return {}
+    runs = config.get("runs")
+    if runs is None:
+        runs = config["runs"] = {}
+    if not isinstance(runs, dict):
+        return {}  # the schema names the problem
+    swept = {}
+    for sweep, points in sweep_points(sweeps).items():
+        base = dict(sweeps[sweep].get("base") or {})
+        if "token" in base or "token" in sweeps[sweep]["grid"]:
+            raise ConfigError(f"{source}: sweeps.{sweep}: token is the sweep's name ({sweep}) for every run; rename the sweep instead")
+        if len(points) < len(list(itertools.product(*sweeps[sweep]["grid"].values()))):
+            raise ConfigError(f"{source}: sweeps.{sweep}: two grid points get the same run name (values that differ only in "
+                              "characters a file name cannot hold, or a repeated value); make each value distinct")
+        for name, point in points.items():
+            entry = {**base, **point, "token": sweep}
+            if runs.get(name) == entry and name not in swept:  # expanded by an earlier validation of this config
+                swept[name] = sweep
+                continue
+            if name in runs or name in swept:
+                raise ConfigError(f"{source}: sweeps.{sweep}: the grid point {point} is named {name}, which is already a run; "
+                                  "rename the sweep or the run")
+            runs[name] = entry
+            swept[name] = sweep
+    return swept
+
+
+RUN_SECTIONS = ("runs", "sweeps")  # what an extra config file defines on its own instead of adding to
+
+
+def own_runs(config: dict, extra_files: list[str | Path]) -> dict:
+    """Give the runs and sweeps of extra config files (snakemake --configfile) precedence over the workflow's.
+
+    Snakemake merges a --configfile into config.yaml key by key, so a file that lists only
+    `runs: {mine: ...}` would also train config.yaml's runs. When any extra file has runs: or
+    sweeps:, those two sections come from the extra files alone (a later file's run replaces an
+    earlier one's of the same name); every other section still merges as Snakemake does.
+    """
+    given = []
+    for path in extra_files:
+        check_yaml_syntax(path)
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
+        if isinstance(data, dict):
+            given.append(data)
+    if not any(section in data for data in given for section in RUN_SECTIONS):
+        return config
+    for section in RUN_SECTIONS:
+        merged = {}
+        for data in given:
+            merged.update(data.get(section) or {})
+        config[section] = merged
+    if not config["sweeps"]:
+        del config["sweeps"]
     return config
 
 

@@ -15,7 +15,7 @@ STAGE_SECTIONS = {
     "cache_latents": ("out_dir", "model", "cache_latents", "preprocess"),
     "train": ("out_dir", "model", "train", "runs", "preprocess"),
     "evaluate": ("out_dir", "model", "evaluate", "runs", "preprocess"),
-    "overview": ("out_dir", "runs"),
+    "overview": ("out_dir", "runs", "sweeps"),
 }
 
 
@@ -62,7 +62,7 @@ def stage_settings(config: dict, stage: str, run: str | None = None) -> str:
     given = {
         "out_dir": config["out_dir"], "dataset": config["dataset"], "preprocess": config["preprocess"],
         "caption": config["caption"], "model": config["model"], "cache_latents": config["cache_latents"],
-        "evaluate": config["evaluate"],
+        "evaluate": config["evaluate"], "sweeps": config.get("sweeps", {}),
     }
     if stage == "cache_latents":
         given["preprocess"] = {"flip": config["preprocess"]["flip"]}

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--run", help="the run (embedding name) to evaluate")
     what.add_argument("--overview", action="store_true", help="instead: write index.html comparing runs already evaluated, in --out")
     parser.add_argument("--runs", nargs="+", help="with --overview: the runs to compare (default: every run in config.yaml)")
+    parser.add_argument("--sweeps", help="with --overview: JSON {sweep: {run: grid point}} to rank each sweep's runs (default: config.yaml's sweeps)")
     return parser
 
 
@@ -53,10 +54,15 @@ def main(args: argparse.Namespace) -> int:
 def overview(args: argparse.Namespace) -> int:
     from stages.evaluate.overview import write_overview
 
-    config = None if args.runs and args.out else read_settings(args, STAGE_SECTIONS["overview"])
+    import json
+
+    from stages.common.config import sweep_points
+
+    config = None if args.runs and args.out and args.sweeps is not None else read_settings(args, STAGE_SECTIONS["overview"])
     runs = args.runs or list(config["runs"])
     folder = args.out or StageDirs(config["out_dir"]).evaluate_root
-    print(f"evaluate: {plural(len(runs), 'run')} compared in {write_overview(folder, runs)}")
+    sweeps = json.loads(args.sweeps) if args.sweeps is not None else sweep_points(config.get("sweeps"))
+    print(f"evaluate: {plural(len(runs), 'run')} compared in {write_overview(folder, runs, sweeps)}")
     return 0
 
 

@@ -21,15 +21,53 @@ def plot_runs(evaluate_dir: Path, runs: list[str], target: Path) -> None:
             axis.plot(table.step, table.val_loss, "o-", label=run)
 
 
-def write_overview(evaluate_dir: Path, runs: list[str]) -> Path:
-    """Write evaluate_dir/index.html and val_loss.png comparing `runs`; each needs evaluate_dir/<run>/metrics.json."""
+def _metrics(evaluate_dir: Path, run: str) -> dict:
+    metrics_file = evaluate_dir / run / "metrics.json"
+    for needed in (metrics_file, evaluate_dir / run / "val_loss.csv"):
+        if not needed.is_file():
+            raise MissingInput(f"{needed} does not exist; run the evaluate stage for {run!r} first")
+    return json.loads(metrics_file.read_text(encoding="utf-8"))
+
+
+def rank_sweep(metrics: dict[str, dict]) -> list[str]:
+    """A sweep's runs, best first: lowest validation loss of their best checkpoint, then the earlier best step."""
+    def key(run: str) -> tuple:
+        loss = metrics[run].get("val_loss_best")
+        return (loss is None, loss if loss is not None else 0.0, metrics[run]["best_step"], run)
+    return sorted(metrics, key=key)
+
+
+def sweep_section(evaluate_dir: Path, sweep: str, points: dict[str, dict]) -> str:
+    """One sweep's runs ranked in a table with their grid values, and their sample grids side by side in that order."""
+    metrics = {run: _metrics(evaluate_dir, run) for run in points}
+    ranked = rank_sweep(metrics)
+    keys = list(next(iter(points.values())))
+    header = "".join(f"<th>{escape(key)}</th>" for key in keys)
+    rows = []
+    for rank, run in enumerate(ranked, start=1):
+        values = "".join(f"<td>{escape(str(points[run][key]))}</td>" for key in keys)
+        m, name = metrics[run], escape(run)
+        rows.append(f'<tr><td>{rank}</td><td class="left"><a href="{name}/index.html">{name}</a></td>{values}'
+                    f'<td>{m["best_step"]}</td><td>{format_number(m["val_loss_best"])}</td><td>{format_number(m["val_loss_start"])}</td></tr>')
+    cards = "".join(f'<figure><a href="{escape(run)}/index.html"><img src="{escape(run)}/grid.png" alt="{escape(run)} samples"></a>'
+                    f"<figcaption>#{rank} {escape(', '.join(f'{k} {v}' for k, v in points[run].items()))}</figcaption></figure>"
+                    for rank, run in enumerate(ranked, start=1))
+    return f"""<h2>Sweep {escape(sweep)}: {len(ranked)} runs, trigger word {escape(sweep)}</h2>
+<p class="sub">Ranked by the validation loss of each run's best checkpoint (lower is better), then by the earlier best step.</p>
+<table><tr><th>rank</th><th class="left">run</th>{header}<th>best step</th><th>val loss, best</th><th>val loss, start</th></tr>
+{chr(10).join(rows)}
+</table>
+<div class="sweep">{cards}</div>"""
+
+
+def write_overview(evaluate_dir: Path, runs: list[str], sweeps: dict[str, dict[str, dict]] | None = None) -> Path:
+    """Write evaluate_dir/index.html and val_loss.png comparing `runs`; each needs evaluate_dir/<run>/metrics.json.
+
+    `sweeps` ({sweep: {run: grid point}}, config.sweep_points) adds a ranked section per sweep.
+    """
     rows, cards = [], []
     for run in runs:
-        metrics_file = evaluate_dir / run / "metrics.json"
-        for needed in (metrics_file, evaluate_dir / run / "val_loss.csv"):
-            if not needed.is_file():
-                raise MissingInput(f"{needed} does not exist; run the evaluate stage for {run!r} first")
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        metrics = _metrics(evaluate_dir, run)
         name = escape(run)
         change = metrics.get("val_loss_best_vs_start")
         flag = "" if metrics.get("beats_start", True) else ' <span class="warn">never beats the start</span>'
@@ -45,7 +83,8 @@ def write_overview(evaluate_dir: Path, runs: list[str]) -> Path:
     plot_runs(evaluate_dir, runs, evaluate_dir / "val_loss.png")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tiflow: {len(runs)} runs</title><style>{STYLE}
-figure {{ display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }} figure img {{ max-width: 360px; }}</style></head>
+figure {{ display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }} figure img {{ max-width: 360px; }}
+.sweep {{ white-space: nowrap; overflow-x: auto; }}</style></head>
 <body>
 <h1>tiflow runs</h1>
 <p class="sub">Each run's validation loss is measured on its own fixed noise; compare runs that share images and validation settings.</p>
@@ -56,6 +95,7 @@ figure {{ display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }} fi
 <figure><img src="val_loss.png" alt="validation loss of every run"><figcaption>Validation loss per checkpoint,
 each run from its start.</figcaption></figure><br>
 {chr(10).join(cards)}
+{chr(10).join(sweep_section(evaluate_dir, sweep, points) for sweep, points in (sweeps or {}).items())}
 </body></html>
 """
     target = evaluate_dir / "index.html"

@@ -32,6 +32,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from stages.tools.run_list import describe_runs, load_workflow_config
+
+    print("\n".join(describe_runs(load_workflow_config(args.config, args.configfile))))
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from stages.tools.embedding_convert import convert_embedding
 
@@ -100,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--config", type=Path, default=Path("config.yaml"), help="the workflow's config file (default: ./config.yaml)")
     prompts.add_argument("--run", help="only this run (default: every run in runs:)")
     prompts.set_defaults(handler=_prompts)
+
+    runs = commands.add_parser("runs", help="list every run the workflow trains, sweeps expanded, with their main settings")
+    runs.add_argument("--config", type=Path, default=Path("config.yaml"), help="the workflow's config file (default: ./config.yaml)")
+    runs.add_argument("--configfile", type=Path, nargs="*", default=[],
+                      help="extra config files, as given to snakemake --configfile (their runs: and sweeps: replace config.yaml's)")
+    runs.set_defaults(handler=_runs)
     return parser
 
 
