@@ -105,6 +105,8 @@ rule cache_latents:
     log:
         DIRS.log("cache_latents"),
     threads: CORES
+    resources:
+        gpu=1,  # one GPU stage per GPU: the default profile's resources: gpu=1 makes them take turns
     conda:
         ENV
     shell:
@@ -127,6 +129,8 @@ rule train:
     log:
         DIRS.log(f"train_{RUN}"),
     threads: CORES
+    resources:
+        gpu=1,  # one GPU stage per GPU: the default profile's resources: gpu=1 makes them take turns
     conda:
         ENV
     shell:
@@ -157,6 +161,8 @@ rule evaluate:
     log:
         DIRS.log(f"evaluate_{RUN}"),
     threads: CORES
+    resources:
+        gpu=1,  # one GPU stage per GPU: the default profile's resources: gpu=1 makes them take turns
     conda:
         ENV
     shell:

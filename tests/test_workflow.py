@@ -128,3 +128,13 @@ def test_the_workflow_is_lint_clean():
     result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(REPO), "--lint"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Lints for" not in result.stdout + result.stderr, result.stdout[-3000:]
+
+
+def test_on_one_machine_the_gpu_stages_take_turns(tmp_path):
+    """The model stages each hold gpu=1 and the default profile has one: two never share a GPU (or fight over the CPU)."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, "runs": {"demotok": {}, "othertok": {}}}))
+    resources = planned_resources(snakemake(tmp_path, "-n"))
+    assert all(resources[stage].get("gpu") == "1" for stage in ("cache_latents", "train", "evaluate"))
+    assert "gpu" not in resources["preprocess"] and "gpu" not in resources["caption"]
+    profile = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
+    assert profile["resources"] == ["gpu=1"]
