@@ -1,6 +1,7 @@
 # tiflow: preprocess → caption → cache_latents → train → evaluate.
 # Rules only; every rule calls a stage program that also runs by hand (python -m stages.<name>).
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
@@ -27,7 +28,9 @@ MAIN = workflow.exec_mode.name == "DEFAULT"  # the snakemake a user started, not
 try:
     validate_config(config)
     if MAIN:  # the checks that read files run once, not again in every cluster job
-        check_before_work(config)  # trigger words, templates, model and init_from files: seconds, before any stage runs
+        # trigger words, templates, model and init_from files, before any stage runs; the trigger-word checks
+        # that passed are remembered, so a rerun with nothing new skips loading the tokenizer
+        check_before_work(config, memo=Path(".snakemake/tiflow/preflight-passed.json"))
 except ConfigError as error:
     sys.exit(f"tiflow: {error}")
 

@@ -76,3 +76,24 @@ def test_an_init_from_past_steps_or_of_another_size_is_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
     with pytest.raises(ConfigError, match="junk.pt is not an embedding tiflow can read"):
         check_before_work(validate_config({"runs": {"zzqtok": {"init_from": str(tmp_path / "junk.pt")}}}))
+
+
+def test_passed_trigger_checks_are_remembered_and_a_new_word_is_still_checked(tmp_path, monkeypatch):
+    from stages.common import clip_vocab
+    from stages.common.config import validate_config
+    from stages.common.preflight import check_before_work
+
+    memo = tmp_path / "memo.json"
+    check_before_work(validate_config({"runs": {"zzqtok": {"init_text": "cat"}}}), memo)
+    assert memo.is_file()
+
+    def no_tokenizer(*_, **__):
+        raise AssertionError("the tokenizer was loaded for words already checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(clip_vocab, "build_clip_tokenizer", no_tokenizer)
+        check_before_work(validate_config({"runs": {"zzqtok": {"init_text": "cat"}}}), memo)  # nothing new: no tokenizer
+    with pytest.raises(ConfigError, match="trigger word 'cat' is already the vocabulary token"):
+        check_before_work(validate_config({"runs": {"zzqtok": {"init_text": "cat"}, "cat": {}}}), memo)
+    memo.write_text("not json")  # a damaged memo checks everything again
+    check_before_work(validate_config({"runs": {"zzqtok": {"init_text": "cat"}}}), memo)

@@ -7,9 +7,11 @@ exist. Every message names the key to edit.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from stages.common.config import ConfigError, run_settings
+from stages.common.files import write_text_atomic
 from stages.common.paths import BUILTIN_PREFIX, DEMO_DATASET
 
 
@@ -34,31 +36,66 @@ def check_paths(config: dict) -> None:
         raise ConfigError(f"model.path: {model} does not exist; give a diffusers folder, a .safetensors/.ckpt file, or builtin:tiny-sd15")
 
 
-def check_runs(config: dict) -> None:
-    from stages.common.clip_vocab import build_clip_tokenizer
+def check_runs(config: dict, memo: Path | None = None) -> None:
+    """Each run's trigger word, init text, template and init_from file.
+
+    The tokenizer checks cost a second (loading the CLIP vocabulary); `memo` is a file that
+    remembers the word/vector/init-text combinations that passed, so a rerun with nothing new
+    to check (Snakemake's no-op rerun) skips loading it.
+    """
     from stages.common.prompts import load_template
+
+    words = []
+    for run in config["runs"]:
+        settings = run_settings(config, run)
+        try:
+            load_template(settings["template"])
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"{_key(config, run, 'template')}: {str(error).removeprefix('train.template: ')}") from None
+        # with init_from the file's vectors start the run, not init_text
+        words.append((run, settings["token"], settings["vectors"], None if settings.get("init_from") else settings["init_text"]))
+        if settings.get("init_from"):
+            _check_init_from(config, run, settings)
+    passed = _memo_read(memo)
+    unchecked = [entry for entry in words if json.dumps(entry[1:]) not in passed]
+    if unchecked:
+        _check_words(config, unchecked)
+        _memo_write(memo, passed | {json.dumps(entry[1:]) for entry in unchecked})
+
+
+def _check_words(config: dict, words: list[tuple]) -> None:
+    from stages.common.clip_vocab import build_clip_tokenizer
     from stages.common.trigger import TokenError, check_trigger, init_token_ids
 
     tokenizer = build_clip_tokenizer()  # every SD family's text encoders share this vocabulary
-    for run in config["runs"]:
-        settings = run_settings(config, run)
-        token, vectors = settings["token"], settings["vectors"]
+    for run, token, vectors, init_text in words:
         try:
             check_trigger(tokenizer, token, vectors)
         except TokenError as error:
             where = f"runs.{run}.token" if "token" in (config["runs"][run] or {}) else f"runs: {run}"
             raise ConfigError(f"{where}: {error}") from None
-        try:
-            load_template(settings["template"])
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"{_key(config, run, 'template')}: {str(error).removeprefix('train.template: ')}") from None
-        if not settings.get("init_from"):  # with init_from the file's vectors start the run, not init_text
+        if init_text is not None:
             try:
-                init_token_ids(tokenizer, settings["init_text"], vectors)
+                init_token_ids(tokenizer, init_text, vectors)
             except TokenError as error:
                 raise ConfigError(f"{_key(config, run, 'init_text')}: {error}") from None
-        if settings.get("init_from"):
-            _check_init_from(config, run, settings)
+
+
+def _memo_read(memo: Path | None) -> set[str]:
+    try:
+        return set(json.loads(memo.read_text(encoding="utf-8"))) if memo else set()
+    except (OSError, ValueError, TypeError):
+        return set()  # no memo, or a damaged one: check everything
+
+
+def _memo_write(memo: Path | None, passed: set[str]) -> None:
+    if memo is None:
+        return
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(memo, json.dumps(sorted(passed)))
+    except OSError:
+        pass  # a read-only folder only costs the next start its second
 
 
 def _check_init_from(config: dict, run: str, settings: dict) -> None:
@@ -78,7 +115,10 @@ def _check_init_from(config: dict, run: str, settings: dict) -> None:
                           f"steps count from the embedding's first step (AUTOMATIC1111's Max steps), so set steps above {embedding.step}")
 
 
-def check_before_work(config: dict) -> None:
-    """Everything about a validated config that can be checked without reading the images. Raises ConfigError."""
+def check_before_work(config: dict, memo: Path | None = None) -> None:
+    """Everything about a validated config that can be checked without reading the images. Raises ConfigError.
+
+    `memo`: where to remember the trigger-word checks that passed (the Snakefile keeps it in .snakemake/).
+    """
     check_paths(config)
-    check_runs(config)
+    check_runs(config, memo)
