@@ -138,3 +138,25 @@ def test_on_one_machine_the_gpu_stages_take_turns(tmp_path):
     assert "gpu" not in resources["preprocess"] and "gpu" not in resources["caption"]
     profile = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
     assert profile["resources"] == ["gpu=1"]
+
+
+def test_adding_or_editing_an_image_reruns_preprocess_and_nothing_else_does(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.new("RGB", (80, 80), (60 * index, 90, 30)).save(images / f"photo_{index}.png")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, "dataset": {"images": str(images)}}))
+    for line in snakemake(tmp_path, "-n", "--summary").stdout.splitlines()[1:]:  # stand in for a finished workflow
+        output = tmp_path / line.split("\t")[0]
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.touch()
+    assert snakemake(tmp_path, "--touch").returncode == 0
+    assert "Nothing to be done" in snakemake(tmp_path, "-n").stdout  # the folder's listing is unchanged: no rerun
+
+    Image.new("RGB", (80, 80), (255, 0, 0)).save(images / "added.png")
+    assert "preprocess" in planned_jobs(snakemake(tmp_path, "-n"))
+    assert snakemake(tmp_path, "--touch").returncode == 0
+    assert "Nothing to be done" in snakemake(tmp_path, "-n").stdout
+
+    Image.new("RGB", (80, 80), (0, 0, 255)).save(images / "photo_1.png")  # the same name, new content
+    assert "preprocess" in planned_jobs(snakemake(tmp_path, "-n"))
