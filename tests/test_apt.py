@@ -230,6 +230,7 @@ def test_the_commented_apt_run_in_config_yaml_runs_end_to_end(tmp_path):
     config = yaml.safe_load(text)
     config["runs"] = yaml.safe_load("\n".join(line[2:] for line in lines))  # the APT run alone, as uncommented
     assert config["runs"]["demoapt"]["apt"]["cfg_scale"] == 3 and config["runs"]["demoapt"]["apt"]["ema"] == 0.97
+    config["runs"]["demoapt"].update(steps=20, save_every=10)  # the run as written; fewer steps keep the test short
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"],
                             capture_output=True, text=True, timeout=900)
