@@ -137,7 +137,7 @@ def test_evaluate_renders_with_the_negative_embedding_as_the_negative_prompt(dem
     monkeypatch.setattr(report, "build_pipeline", recording_pipeline)
     run = RunToEvaluate("aptok", "aptok", "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption",
                         0.0, "toy", None, AptSettings.from_section(APT), 0)
-    section = {"prompts": ["a photo of [name]"], "seeds": [1], "steps": 2, "guidance_scale": 3.0, "checkpoint_grid": 0,
+    section = {"prompts": ["a photo of [name]"], "seeds": [1], "steps": 2, "guidance_scale": 3.0, "checkpoint_grid": 0, "grid_steps": [],
                "validation_samples": 4, "validation_seed": 0}
     metrics = evaluate_run(load_model("builtin:tiny-sd15"), run, section, (64, 64), tmp_path / "eval")
 

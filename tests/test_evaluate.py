@@ -1,6 +1,7 @@
 """The evaluate stage on a run folder the tests write: validation loss per checkpoint, the best one, grids, report."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -206,3 +207,38 @@ def test_the_overview_page_compares_every_run_and_names_a_missing_one(tmp_path):
     assert '"val_loss.png"' in page and Image.open(tmp_path / "val_loss.png").size[0] > 300
     with pytest.raises(FileNotFoundError, match="gamma/metrics.json does not exist"):
         write_overview(tmp_path, ["alpha", "gamma"])
+
+
+def test_the_baseline_grid_renders_the_prompt_without_the_embedding_beside_the_chosen_checkpoints(vectors, demo_prepared, tmp_path):
+    from stages.common.models import load_model
+    from stages.evaluate.grid import LABEL_HEIGHT
+
+    write_run(tmp_path / "train", {2: vectors["sensible"], 4: vectors["wild"]})
+    grids = {}
+    for step in (2, 4):  # the same run shown at one checkpoint, then at the other
+        out = tmp_path / f"evaluate-{step}"
+        evaluate_run(load_model("builtin:tiny-sd15"), run_of(tmp_path, demo_prepared, init_text="toy"),
+                     {**SECTION, "grid_steps": [step]}, (64, 64), out)
+        grids[step] = np.asarray(Image.open(out / "baseline.png").convert("RGB")).astype(int)
+        assert 'src="baseline.png"' in (out / "index.html").read_text()
+    rows = len(SECTION["prompts"]) * len(SECTION["seeds"])
+    assert grids[2].shape == (rows * (64 + LABEL_HEIGHT), 2 * 64, 3)  # prompt × seed rows; without, then the checkpoint
+
+    def cell(grid, row: int, column: int):  # below the column's label, which is drawn over the image's top
+        top = row * (64 + LABEL_HEIGHT) + LABEL_HEIGHT + 20
+        return grid[top: top + 40, column * 64: (column + 1) * 64]
+
+    for row in range(rows):
+        assert np.array_equal(cell(grids[2], row, 0), cell(grids[4], row, 0))  # same seed, no embedding: the same picture
+        assert not np.array_equal(cell(grids[2], row, 0), cell(grids[2], row, 1))  # the embedding changes it
+    assert not np.array_equal(cell(grids[2], 0, 1), cell(grids[4], 0, 1))  # and each checkpoint its own way
+    with pytest.raises(ValueError, match=r"evaluate.grid_steps: no checkpoint at step 3; the run saved steps 2, 4"):
+        evaluate_run(load_model("builtin:tiny-sd15"), run_of(tmp_path, demo_prepared), {**SECTION, "grid_steps": [3]}, (64, 64),
+                     tmp_path / "evaluate-3")
+
+
+def test_the_baseline_prompt_swaps_the_trigger_for_the_init_text_or_drops_it():
+    from stages.common.tokens import without_trigger
+
+    assert without_trigger("a photo of demotok on a beach", "demotok", "toy") == "a photo of toy on a beach"
+    assert without_trigger("demotok, red ball, demotok-neg", "demotok") == "red ball, demotok-neg"

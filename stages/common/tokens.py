@@ -46,6 +46,12 @@ def expand_trigger(prompt: str, trigger: str, vectors: int) -> str:
     return re.sub(_whole_word(trigger), tokens, prompt)
 
 
+def without_trigger(prompt: str, trigger: str, replacement: str = "") -> str:
+    """The prompt with the trigger word replaced (by the init text, say) or removed, for a grid's baseline column."""
+    text = re.sub(_whole_word(trigger), replacement, prompt)
+    return re.sub(r"\s+([,.])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,")
+
+
 def negative_prompt(prompt: str, trigger: str, negative_trigger: str) -> str:
     """APT's negative prompt: the training prompt with the trigger word swapped for the negative embedding's (DreamArtist's rule)."""
     return re.sub(_whole_word(trigger), negative_trigger, prompt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
+from stages.common.errors import InputError
 from stages.common.sampling import sample_image
 from stages.common.textual_inversion import PromptConditioning
 
@@ -23,18 +24,32 @@ def render_samples(
     return [[sample_image(pipeline, seed, size, steps, guidance_scale, prompt, negative) for seed in seeds] for prompt in prompts]
 
 
-def compose_grid(rows: list[list[Image.Image]], row_labels: list[str], seeds: list[int]) -> Image.Image:
-    """Paste the images into one labelled grid: a label above each row, the seed on each image."""
+def compose_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
+    """Paste the images into one labelled grid: a label above each row, the column's label (a seed, a step) on each image."""
     cell_w, cell_h = rows[0][0].size
-    grid = Image.new("RGB", (cell_w * len(seeds), (cell_h + LABEL_HEIGHT) * len(rows)), "white")
+    grid = Image.new("RGB", (cell_w * len(column_labels), (cell_h + LABEL_HEIGHT) * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (label, row) in enumerate(zip(row_labels, rows)):
         top = r * (cell_h + LABEL_HEIGHT)
         draw.text((4, top + 3), label, fill="black")
-        for c, (seed, image) in enumerate(zip(seeds, row)):
+        for c, (column, image) in enumerate(zip(column_labels, row)):
             grid.paste(image, (c * cell_w, top + LABEL_HEIGHT))
-            draw.text((c * cell_w + 4, top + LABEL_HEIGHT + 4), f"seed {seed}", fill="white", stroke_width=1, stroke_fill="black")
+            draw.text((c * cell_w + 4, top + LABEL_HEIGHT + 4), column, fill="white", stroke_width=1, stroke_fill="black")
     return grid
+
+
+def seed_labels(seeds: list[int]) -> list[str]:
+    return [f"seed {seed}" for seed in seeds]
+
+
+def grid_steps(steps: list[int], chosen: list[int], count: int, best: int, where: str = "evaluate.grid_steps") -> list[int]:
+    """The checkpoints the baseline grid shows: evaluate.grid_steps when given, else `count` spread ones (best and last included)."""
+    if not chosen:
+        return spread_steps(steps, count, best)
+    missing = [step for step in chosen if step not in steps]
+    if missing:
+        raise InputError(f"{where}: no checkpoint at step {', '.join(map(str, missing))}; the run saved steps {', '.join(map(str, steps))}")
+    return sorted(set(chosen))
 
 
 def spread_steps(steps: list[int], count: int, must_include: int) -> list[int]:

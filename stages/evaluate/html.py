@@ -47,7 +47,7 @@ def _earlier(trainings: list[dict], page_folder: Path) -> str:
     return f"<h2>Earlier trainings</h2>\n<p>Set aside when a setting changed; scored above only if you train them again.</p>\n<ul>{items}</ul>"
 
 
-def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_checkpoint_grid: bool) -> None:
+def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_checkpoint_grid: bool, has_baseline_grid: bool = False) -> None:
     """Write the run's page; every picture and file it names is beside it in the evaluate folder."""
     run = escape(metrics["run"])
     change = metrics.get("val_loss_best_vs_start")
@@ -75,6 +75,13 @@ def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_chec
         "checkpoints, same seeds: where the likeness appears and where it starts to overcook.</figcaption></figure>"
         if has_checkpoint_grid else ""
     )
+    baseline_figure = (
+        '<figure><img src="baseline.png" alt="each prompt without the embedding, then at chosen checkpoints"><figcaption>Each '
+        "prompt and seed without the embedding (left: the trigger word replaced by the init text, or removed), then at the "
+        "chosen checkpoints (evaluate.grid_steps), same noise in every cell of a row. If the left column already shows your "
+        "concept, the prompt gives the likeness, not the embedding.</figcaption></figure>"
+        if has_baseline_grid else ""
+    )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tiflow: {run}</title><style>{STYLE}</style></head>
 <body>
@@ -85,6 +92,7 @@ def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_chec
 <figure><img src="grid.png" alt="samples with the final embedding"><figcaption>The final embedding: one row per
 evaluate prompt, one column per seed.</figcaption></figure>
 {checkpoint_figure}
+{baseline_figure}
 <figure><img src="loss.png" alt="loss curves"><figcaption>Training loss per step, and each checkpoint's validation loss
 on the same {metrics["validation_samples"]} fixed (image, noise, timestep) triples, drawn from {_validation_set(metrics)}.</figcaption></figure>
 <h2>Checkpoints</h2>

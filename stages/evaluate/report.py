@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common.embedding.core import save_embedding_files
+from stages.common.embedding.core import Embedding, save_embedding_files
 from stages.common.layout import latest_snapshot
 from stages.common.files import atomic_path, write_csv_atomic, write_text_atomic
 from stages.common.models import ModelBundle
-from stages.common.sampling import build_pipeline
+from stages.common.sampling import build_pipeline, sample_image
 from stages.evaluate.charts import step_chart
-from stages.evaluate.grid import compose_grid, render_samples, spread_steps
+from stages.common.tokens import without_trigger
+from stages.evaluate.grid import compose_grid, grid_steps, render_samples, seed_labels, spread_steps
 from stages.evaluate.html import write_report
 from stages.evaluate.validation import (
     CheckpointModel,
@@ -82,6 +83,35 @@ def save_png(image, target: Path) -> None:
         image.save(temp, format="PNG")
 
 
+def baseline_prompt(prompt: str, run: RunToEvaluate) -> str:
+    """The prompt without the embedding: its trigger replaced by the init text (a word to start from), or removed."""
+    words = "" if run.init_from or run.init_text.strip() in ("", "*") else run.init_text.strip()
+    return without_trigger(prompt, run.token, words)
+
+
+def baseline_grid(pipeline, model: CheckpointModel, run: RunToEvaluate, prompts: list[str], seeds: list[int], render: tuple,
+                  checkpoints: list[tuple[int, Embedding, Embedding | None]]):
+    """Prompt × seed rows; the first column renders the prompt without the embedding, the others at each checkpoint.
+
+    The same seed gives the same starting noise in every cell of a row, so only the embedding differs, as
+    in AUTOMATIC1111's X/Y plot with the trigger word swapped out by hand.
+    """
+    plain, no_negative = [model.conditioning([baseline_prompt(p, run)]) for p in prompts], model.conditioning([""])
+    cells = {(p, seed, "base"): sample_image(pipeline, seed, render[0], render[1], render[2], plain[p], no_negative)
+             for p in range(len(prompts)) for seed in seeds}
+    negative_text = [model.model.negative_token or ""]
+    for step, embedding, negative in checkpoints:
+        model.use(embedding, f"step {step}", negative)
+        negative_now = model.conditioning(negative_text)
+        for p, prompt in enumerate(prompts):
+            conditioning = model.conditioning([prompt])
+            for seed in seeds:
+                cells[(p, seed, step)] = sample_image(pipeline, seed, render[0], render[1], render[2], conditioning, negative_now)
+    rows = [[cells[(p, seed, "base")]] + [cells[(p, seed, step)] for step, _, _ in checkpoints] for p in range(len(prompts)) for seed in seeds]
+    labels = [f"{prompt}  /  seed {seed}" for prompt in prompts for seed in seeds]
+    return compose_grid(rows, labels, ["without the embedding"] + [f"step {step}" for step, _, _ in checkpoints])
+
+
 def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: tuple[int, int], out_dir: Path,
                  clip_skip: int = 1, progress=None) -> dict:
     """Write every evaluate output for `run` into out_dir; return the metrics (also in metrics.json)."""
@@ -110,7 +140,13 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     negative_prompt = [model.model.negative_token or ""]  # APT: {run}-neg is the negative prompt, as DreamArtist uses it
     model.use(embeddings[final.step], final.source, negatives[final.step])
     rows = render_samples(pipeline, [model.conditioning([p]) for p in prompts], model.conditioning(negative_prompt), seeds, *render)
-    save_png(compose_grid(rows, prompts, seeds), out_dir / "grid.png")
+    save_png(compose_grid(rows, prompts, seeds_shown := seed_labels(seeds)), out_dir / "grid.png")
+    baseline_steps = grid_steps(sorted(embeddings), section["grid_steps"], section["checkpoint_grid"], best)
+    if baseline_steps:
+        save_png(baseline_grid(pipeline, model, run, prompts, seeds, render, [(step, embeddings[step], negatives[step]) for step in baseline_steps]),
+                 out_dir / "baseline.png")
+    else:
+        (out_dir / "baseline.png").unlink(missing_ok=True)
 
     shown = spread_steps(sorted(embeddings), section["checkpoint_grid"], best)
     rows, labels = [], []
@@ -120,13 +156,13 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
         rows += render_samples(pipeline, [model.conditioning(prompts[:1])], model.conditioning(negative_prompt), seeds, *render)
         labels.append(label)
     if rows:
-        save_png(compose_grid(rows, labels, seeds), out_dir / "checkpoints.png")
+        save_png(compose_grid(rows, labels, seeds_shown), out_dir / "checkpoints.png")
     else:
         (out_dir / "checkpoints.png").unlink(missing_ok=True)
 
     metrics = _metrics(run, validation, best, final.step, examples, bool(held_out), section, best_files, out_dir)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_report(out_dir / "index.html", metrics, validation, has_checkpoint_grid=bool(rows))
+    write_report(out_dir / "index.html", metrics, validation, has_checkpoint_grid=bool(rows), has_baseline_grid=bool(baseline_steps))
     return metrics
 
 
