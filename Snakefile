@@ -42,10 +42,6 @@ if MAIN:
 ENV = "envs/tiflow.yaml"  # the software every rule runs, for snakemake --use-conda; `make` installs the same into .venv
 USES_CONDA = any(method.name == "CONDA" for method in workflow.deployment_settings.deployment_method)
 PY = "python" if USES_CONDA else sys.executable  # the env's python, else the one snakemake runs in (the stages' packages)
-if workflow.non_local_exec and "gpu" in workflow.global_resources:
-    # the default profile's gpu=1 makes the GPU stages take turns on one machine; on a cluster the scheduler gives
-    # each job its own GPU, so the limit would only queue them one by one (profiles/slurm's jobs: bounds them instead)
-    workflow.global_resources["gpu"] = sys.maxsize
 DIRS = StageDirs(config["out_dir"])  # the out/ layout, shared with every stage
 RUN = "{run}"  # Snakemake's wildcard, placed by the layout like any run name
 try:
@@ -113,7 +109,7 @@ rule cache_latents:
         DIRS.log("cache_latents"),
     threads: CORES
     resources:
-        gpu=1,  # one GPU stage per GPU: the default profile's resources: gpu=1 makes them take turns
+        gpu=1,  # a cluster job asks for one GPU; on one machine these stages take every core (threads), so they take turns
     conda:
         ENV
     shell:
@@ -137,7 +133,7 @@ rule train:
         DIRS.log(f"train_{RUN}"),
     threads: CORES
     resources:
-        gpu=1,  # one GPU stage per GPU: the default profile's resources: gpu=1 makes them take turns
+        gpu=1,  # a cluster job asks for one GPU; on one machine these stages take every core (threads), so they take turns
     conda:
         ENV
     shell:
@@ -169,7 +165,7 @@ rule evaluate:
         DIRS.log(f"evaluate_{RUN}"),
     threads: CORES
     resources:
-        gpu=1,  # one GPU stage per GPU: the default profile's resources: gpu=1 makes them take turns
+        gpu=1,  # a cluster job asks for one GPU; on one machine these stages take every core (threads), so they take turns
     conda:
         ENV
     shell:

@@ -1,7 +1,6 @@
 """DreamArtist's APT in tiflow's one loop: a positive and a {run}-neg embedding trained through neg + cfg·(pos − neg)."""
 from __future__ import annotations
 
-import copy
 import os
 import signal
 

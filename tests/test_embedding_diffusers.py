@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from stages.common.builtin import build_builtin_components
 from stages.common.clip_vocab import VOCAB_SIZE, build_clip_tokenizer
 from stages.common.embedding.core import Embedding, save_a1111_pt, save_diffusers, save_safetensors
-from stages.common.tokens import add_placeholder_tokens, encode_prompt_ids, expand_trigger, install_trainable_embedding, tokenize_prompts
+from stages.common.tokens import add_placeholder_tokens, encode_text, expand_trigger, install_trainable_embedding, tokenize_prompts
 
 TRIGGER = "mytok"
 PROMPT = "a photo of mytok on a wooden table"
@@ -25,7 +25,7 @@ def tiflow_encoding(tokenizer, text_encoder, vectors: torch.Tensor, penultimate:
     install_trainable_embedding(text_encoder, vectors)
     ids = tokenize_prompts(tokenizer, [expand_trigger(PROMPT, TRIGGER, vectors.shape[0])], pad_with_eos=pad_with_eos)
     with torch.no_grad():
-        return encode_prompt_ids(text_encoder, ids, penultimate=penultimate)
+        return encode_text(text_encoder, ids, penultimate=penultimate)[0]
 
 
 # ------------------------------------------------------------------------------------------- SD1.x

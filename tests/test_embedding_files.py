@@ -18,7 +18,6 @@ from stages.common.embedding.core import Embedding, save_a1111_pt, save_diffuser
 from stages.tools.embedding_convert import EMBEDDING_WRITERS, write_embedding
 from stages.common.embedding.png import TEXT_CHUNK_KEY, lcg_sequence, read_image_payload
 from stages.common.embedding.read import open_embedding_file, read_embedding
-from stages.common.families import get_family
 
 
 def make_embedding(kind: str, vectors: int = 2, seed: int = 0) -> Embedding:
@@ -158,7 +157,7 @@ def test_reads_files_other_tools_write(tmp_path):
 
 def test_train_stage_interface_still_writes_safetensors_and_pt(tmp_path):
     tensor = torch.randn(2, 32)
-    embedding = Embedding.from_tensors("demotok", get_family("sd1"), [tensor], step=7)
+    embedding = Embedding("demotok", {"emb_params": tensor}, step=7)
     paths = save_embedding_files(embedding, tmp_path, "demotok-7")
     assert [p.name for p in paths] == ["demotok-7.safetensors", "demotok-7.pt"]
     for path in paths:

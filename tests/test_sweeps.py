@@ -88,6 +88,10 @@ def test_a_second_config_file_with_its_own_runs_trains_only_those(tmp_path):
     assert jobs["train"] == ["minetok"] and jobs["evaluate"] == ["minetok"]
     jobs = planned(snakemake(workdir, "-n"))  # without it, config.yaml's runs
     assert sorted(jobs["train"]) == ["demotok", "othertok"]
+    listed = subprocess.run([sys.executable, "-m", "stages.tools.cli", "runs", "--configfile", "mine.yaml"], cwd=workdir,
+                            capture_output=True, text=True, timeout=60)
+    rows = [line.split() for line in listed.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["minetok"] and rows[0][6] == "3", listed.stdout + listed.stderr  # train.steps merged in
 
 
 def test_sweep_mistakes_name_the_sweep():

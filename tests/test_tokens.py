@@ -4,7 +4,7 @@ import torch
 from stages.common.tokens import (
     TokenError,
     add_placeholder_tokens,
-    encode_prompt_ids,
+    encode_text,
     expand_trigger,
     initial_vectors,
     install_trainable_embedding,
@@ -58,15 +58,15 @@ def test_only_the_new_rows_receive_gradients(tiny_bundle):
     trainable = install_trainable_embedding(encoder, torch.randn(2, base_before.shape[1]))
     assert [name for name, p in encoder.named_parameters() if p.requires_grad] == ["embeddings.token_embedding.blocks.0"]
     ids = tokenize_prompts(tokenizer, [expand_trigger("a photo of zzqtok", "zzqtok", 2)])
-    encode_prompt_ids(encoder, ids).pow(2).mean().backward()
-    assert trainable.new_vectors.grad is not None and trainable.new_vectors.grad.abs().sum() > 0
+    encode_text(encoder, ids)[0].pow(2).mean().backward()
+    assert trainable.blocks[0].grad is not None and trainable.blocks[0].grad.abs().sum() > 0
     assert trainable.base_weight.grad is None
     assert torch.equal(trainable.base_weight, base_before)
 
 
 def test_clip_skip_changes_the_context(tiny_bundle):
     ids = tokenize_prompts(tiny_bundle.tokenizer, ["a photo of a cat"])
-    last = encode_prompt_ids(tiny_bundle.text_encoder, ids, clip_skip=1)
-    skip2 = encode_prompt_ids(tiny_bundle.text_encoder, ids, clip_skip=2)
+    last = encode_text(tiny_bundle.text_encoder, ids, clip_skip=1)[0]
+    skip2 = encode_text(tiny_bundle.text_encoder, ids, clip_skip=2)[0]
     assert last.shape == skip2.shape == (1, 77, 32)
     assert not torch.allclose(last, skip2)

@@ -58,7 +58,7 @@ def test_each_image_appears_repeats_times_per_pass():
 def test_loss_target_follows_the_family(model, target):
     bundle = load_model(f"builtin:{model}")
     assert bundle.family.prediction_type == target
-    ti = TextualInversion(bundle, "zzqtok", {"emb_params": torch.zeros(1, bundle.text_width)}, clip_skip=1)
+    ti = TextualInversion(bundle, "zzqtok", {"emb_params": torch.zeros(1, bundle.text_widths[0])}, clip_skip=1)
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
     t = torch.tensor([500])

@@ -131,13 +131,19 @@ def test_the_workflow_is_lint_clean():
 
 
 def test_on_one_machine_the_gpu_stages_take_turns(tmp_path):
-    """The model stages each hold gpu=1 and the default profile has one: two never share a GPU (or fight over the CPU)."""
+    """The model stages each take every core given, so two never run at once on one machine (one GPU, or the CPU's
+    cores); each asks a cluster for one GPU."""
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, "runs": {"demotok": {}, "othertok": {}}}))
-    resources = planned_resources(snakemake(tmp_path, "-n"))
-    assert all(resources[stage].get("gpu") == "1" for stage in ("cache_latents", "train", "evaluate"))
+    result = snakemake(tmp_path, "-n", "--cores", "3")
+    resources, threads, rule = planned_resources(result), {}, None
+    for line in result.stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("threads:") and rule:
+            threads.setdefault(rule, set()).add(int(line.split(":")[1]))
+    for stage in ("cache_latents", "train", "evaluate"):
+        assert threads[stage] == {3} and resources[stage].get("gpu") == "1", (stage, threads[stage], resources[stage])
     assert "gpu" not in resources["preprocess"] and "gpu" not in resources["caption"]
-    profile = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
-    assert profile["resources"] == ["gpu=1"]
 
 
 def test_adding_or_editing_an_image_reruns_preprocess_and_nothing_else_does(tmp_path):

@@ -43,10 +43,6 @@ class ModelBundle:
         return tuple(encoder.get_input_embeddings().weight.shape[1] for _, _, encoder in self.encoder_slots())
 
     @property
-    def text_width(self) -> int:
-        return self.text_widths[0]
-
-    @property
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.vae] + [encoder for _, _, encoder in self.encoder_slots()]
 

@@ -18,6 +18,7 @@ from stages.common.embedding.read import read_embedding_for_model
 from stages.common.latents import LatentExample
 from stages.common.models import ModelBundle
 from stages.common.prompts import build_prompt
+from stages.common.trigger import NEGATIVE_SUFFIX
 from stages.common.tokens import (
     add_placeholder_tokens,
     encode_text,
@@ -28,7 +29,6 @@ from stages.common.tokens import (
     tokenize_prompts,
 )
 
-NEGATIVE_SUFFIX = "-neg"  # DreamArtist's name for an APT run's negative embedding: {run}-neg, used in the negative prompt
 NEGATIVE_NUDGE = 1e-3  # DreamArtist nudges the negative's start so it never starts equal to the positive
 
 
@@ -40,13 +40,18 @@ def starting_point(bundle: ModelBundle, init_text: str, init_from: str | None, v
     run's token is installed.
     """
     if not init_from:
-        return {slot.embedding_key: initial_vectors(tokenizer, encoder.get_input_embeddings().weight.detach(), init_text, vectors)
-                for slot, tokenizer, encoder in bundle.encoder_slots()}, 0
+        return words_start(bundle, init_text, vectors), 0
     # any format tiflow reads; a width that does not fit names both widths and the file's family
     embedding = read_embedding_for_model(init_from, bundle.family, bundle.text_widths)
     if embedding.vector_count != vectors:
         raise InputError(f"train.init_from: {init_from} has {embedding.vector_count} vectors; set vectors: {embedding.vector_count} for this run")
     return {key: tensor.float() for key, tensor in embedding.vectors.items()}, embedding.step
+
+
+def words_start(bundle: ModelBundle, init_text: str, vectors: int) -> dict[str, torch.Tensor]:
+    """init_text's vectors in each text encoder's own vocabulary (AUTOMATIC1111's rule), by embedding key."""
+    return {slot.embedding_key: initial_vectors(tokenizer, encoder.get_input_embeddings().weight.detach(), init_text, vectors)
+            for slot, tokenizer, encoder in bundle.encoder_slots()}
 
 
 @dataclass(frozen=True)
@@ -76,11 +81,8 @@ def negative_starting_point(bundle: ModelBundle, apt: AptSettings, seed: int) ->
     evaluate rebuilds the same start. Call before the run's tokens are installed.
     """
     generator = torch.Generator().manual_seed(seed + 4)
-    start = {}
-    for slot, tokenizer, encoder in bundle.encoder_slots():
-        words = initial_vectors(tokenizer, encoder.get_input_embeddings().weight.detach(), apt.init_text_neg, apt.vectors_neg)
-        start[slot.embedding_key] = words + NEGATIVE_NUDGE * torch.randn(words.shape, generator=generator)
-    return start
+    return {key: words + NEGATIVE_NUDGE * torch.randn(words.shape, generator=generator)
+            for key, words in words_start(bundle, apt.init_text_neg, apt.vectors_neg).items()}
 
 
 def pick_device() -> torch.device:
@@ -139,22 +141,24 @@ class TextualInversion:
             if sorted(start) != sorted(keys):
                 raise InputError(f"start vectors of {name!r} for {', '.join(sorted(start))}, but a {bundle.family.name} model takes {', '.join(keys)}")
         self.starts = {name: {key: start[key].float() for key in keys} for name, start in starts.items()}
-        self.initial = self.starts[token]
         self.counts = {name: start[keys[0]].shape[0] for name, start in self.starts.items()}
         self.vector_count = self.counts[token]
-        self.token_ids = {}
         for slot, tokenizer, encoder in self.slots:
             ids = [i for name, count in self.counts.items() for i in add_placeholder_tokens(tokenizer, name, count)]
             base = encoder.get_input_embeddings().weight.shape[0]
             if ids != list(range(base, base + len(ids))):  # the trainable rows follow the vocabulary in this order
                 raise InputError(f"{slot.component}'s tokenizer gave the new tokens ids {ids[0]}..{ids[-1]}, not the rows after its "
                                  f"{base}-row vocabulary; load the model afresh for each run")
-            self.token_ids[slot.embedding_key] = ids
-        self.embeddings = {slot.embedding_key: install_trainable_embedding(encoder, *(start[slot.embedding_key] for start in self.starts.values()))
-                           for slot, _, encoder in self.slots}
-        self.trained = {name: {key: embedding.blocks[index] for key, embedding in self.embeddings.items()}
-                        for index, name in enumerate(self.starts)}
+        embeddings = {slot.embedding_key: install_trainable_embedding(encoder, *(start[slot.embedding_key] for start in self.starts.values()))
+                      for slot, _, encoder in self.slots}
+        # the trainable blocks by embedding name (the run's, then {run}-neg) and key
+        self.trained = {name: {key: embedding.blocks[index] for key, embedding in embeddings.items()} for index, name in enumerate(self.starts)}
         self._ids_cache: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def initial(self) -> dict[str, torch.Tensor]:
+        """The run's own embedding's start vectors, by embedding key."""
+        return self.starts[self.token]
 
     @property
     def negative_token(self) -> str | None:
@@ -262,8 +266,7 @@ class TextualInversion:
     def current_embeddings(self, name: str, step: int, vectors: dict[str, dict[str, torch.Tensor]] | None = None) -> list[Embedding]:
         """The run's embedding named `name` and, with APT, its negative one named `name`-neg (DreamArtist's file names)."""
         vectors = self.trained if vectors is None else vectors
-        return [self.current_embedding(name + suffix, step, vectors[self.token + suffix])
-                for suffix in ("", NEGATIVE_SUFFIX)[: len(self.trained)]]
+        return [self.current_embedding(name + entry.removeprefix(self.token), step, vectors[entry]) for entry in self.trained]
 
 
 def use_deterministic_kernels(enabled: bool, device: torch.device) -> None:

@@ -79,11 +79,6 @@ class TrainableTokenEmbedding(nn.Module):
         # one block of rows per embedding, in the order their tokens were added (APT: the run's, then {run}-neg)
         self.blocks = nn.ParameterList([nn.Parameter(block.to(base.weight.dtype).clone()) for block in blocks])
 
-    @property
-    def new_vectors(self) -> nn.Parameter:
-        """The first (the run's own) embedding's rows."""
-        return self.blocks[0]
-
     def new_rows(self) -> torch.Tensor:
         return self.blocks[0] if len(self.blocks) == 1 else torch.cat(list(self.blocks))
 
@@ -105,11 +100,6 @@ def install_trainable_embedding(text_encoder: nn.Module, *blocks: torch.Tensor) 
     trainable = TrainableTokenEmbedding(embeddings, *blocks)
     text_encoder.set_input_embeddings(trainable)
     return trainable
-
-
-def encode_prompt_ids(text_encoder: nn.Module, input_ids: torch.Tensor, clip_skip: int = 1, penultimate: bool = False) -> torch.Tensor:
-    """The UNet's cross-attention context for token ids (see encode_text)."""
-    return encode_text(text_encoder, input_ids, clip_skip, penultimate)[0]
 
 
 def encode_text(text_encoder: nn.Module, input_ids: torch.Tensor, clip_skip: int = 1, penultimate: bool = False,

@@ -8,6 +8,7 @@ class TokenError(InputError):
 
 
 PROMPT_TOKEN_BUDGET = 75  # 77 positions minus <|startoftext|> and <|endoftext|>
+NEGATIVE_SUFFIX = "-neg"  # DreamArtist's name for an APT run's negative embedding: {run}-neg, used in the negative prompt
 
 
 def placeholder_tokens(trigger: str, vectors: int) -> list[str]:

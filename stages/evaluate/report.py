@@ -36,7 +36,8 @@ from stages.evaluate.validation import (
     starting_checkpoint,
 )
 from stages.common.latents import load_examples, split_validation
-from stages.common.textual_inversion import NEGATIVE_SUFFIX, AptSettings
+from stages.common.textual_inversion import AptSettings
+from stages.common.trigger import NEGATIVE_SUFFIX
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from stages.common.latents import LatentExample
 from stages.common.models import ModelBundle
 from stages.common.prompts import load_template
 from stages.common import textual_inversion as core  # the loss, probe and start training used
+from stages.common.trigger import NEGATIVE_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def starting_checkpoint(bundle: ModelBundle, run: str, init_text: str, init_from
     """
     start, step = core.starting_point(bundle, init_text, init_from, vectors)
     source = f"init_from {init_from}" if init_from else f"init_text {init_text!r}"
-    negative = Embedding(run + core.NEGATIVE_SUFFIX, core.negative_starting_point(bundle, apt, seed), step=step) if apt else None
+    negative = Embedding(run + NEGATIVE_SUFFIX, core.negative_starting_point(bundle, apt, seed), step=step) if apt else None
     return Checkpoint(step, source, is_start=True, negative=negative), Embedding(run, start, step=step)
 
 
@@ -66,7 +67,7 @@ def _load_one(bundle: ModelBundle, path: Path, step: int | None, paired: bool) -
     embedding = _read_checked(bundle, path)
     negative = None
     if paired:  # DreamArtist's names: {run}-neg beside {run}, {run}-{step}-neg beside {run}-{step}
-        negative_path = path.with_name(f"{path.stem}{core.NEGATIVE_SUFFIX}{path.suffix}")
+        negative_path = path.with_name(f"{path.stem}{NEGATIVE_SUFFIX}{path.suffix}")
         if not negative_path.is_file():
             raise MissingInput(f"{negative_path} does not exist, but {path.name} comes from an APT run (train.apt); rerun train")
         negative = _read_checked(bundle, negative_path)

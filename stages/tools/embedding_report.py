@@ -5,8 +5,7 @@ from pathlib import Path
 
 from stages.common.embedding.core import describe_widths_origin
 from stages.common.embedding.read import EmbeddingFile, open_embedding_file
-
-NEGATIVE_SUFFIX = "-neg"  # DreamArtist's APT pair: {name} in the prompt, {name}-neg in the negative prompt
+from stages.common.trigger import NEGATIVE_SUFFIX  # DreamArtist's APT pair: {name} in the prompt, {name}-neg in the negative prompt
 
 
 def describe_embedding_file(file: EmbeddingFile) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from snakemake.utils import update_config
 
 from stages.common.config import check_yaml_syntax, load_config, own_runs, run_settings, sweep_points, validate_config
 
@@ -18,16 +19,8 @@ def load_workflow_config(config: Path, extra: list[Path]) -> dict:
     merged = yaml.safe_load(config.read_text(encoding="utf-8-sig")) or {}
     for path in extra:
         check_yaml_syntax(path)
-        _deep_update(merged, yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {})
+        update_config(merged, yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {})  # as snakemake --configfile does
     return validate_config(own_runs(merged, extra), source=" + ".join(map(str, [config, *extra])))
-
-
-def _deep_update(base: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
 
 
 def describe_runs(config: dict) -> list[str]:

@@ -34,11 +34,6 @@ class Embedding:
     checkpoint_name: str | None = None
     extra: dict = field(default_factory=dict)
 
-    @classmethod
-    def from_tensors(cls, name: str, family: Family, tensors: list[torch.Tensor], **info) -> "Embedding":
-        keys = [slot.embedding_key for slot in family.text_encoders]
-        return cls(name=name, vectors={k: t.detach().float().cpu().contiguous() for k, t in zip(keys, tensors)}, **info)
-
     @property
     def is_sdxl(self) -> bool:
         return "clip_l" in self.vectors
