@@ -144,6 +144,7 @@ rule evaluate:
     input:
         embedding=rules.train.output.embedding,
         loss=rules.train.output.loss,
+        images=rules.preprocess.output.manifest,  # thumbnails and crops for the per-image ranking
         latents=rules.cache_latents.output,
         captions=rules.caption.output,
         model=model_inputs(config),
@@ -154,6 +155,8 @@ rule evaluate:
                     labels={"run": RUN, "figure": "loss"}),
         val_loss=report(f"{DIRS.evaluate(RUN)}/val_loss.csv", caption="report/val_loss.rst", category="Runs", subcategory=RUN,
                         labels={"run": RUN, "figure": "validation loss table"}),
+        image_loss=report(f"{DIRS.evaluate(RUN)}/image_loss.csv", caption="report/image_loss.rst", category="Runs", subcategory=RUN,
+                          labels={"run": RUN, "figure": "loss per image"}),
         metrics=report(f"{DIRS.evaluate(RUN)}/metrics.json", caption="report/metrics.rst", category="Runs", subcategory=RUN,
                        labels={"run": RUN, "figure": "metrics"}),
         report=f"{DIRS.evaluate(RUN)}/index.html",

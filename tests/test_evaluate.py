@@ -242,3 +242,82 @@ def test_the_baseline_prompt_swaps_the_trigger_for_the_init_text_or_drops_it():
 
     assert without_trigger("a photo of demotok on a beach", "demotok", "toy") == "a photo of toy on a beach"
     assert without_trigger("demotok, red ball, demotok-neg", "demotok") == "red ball, demotok-neg"
+
+
+def teach_unet(bundle, examples, vectors, steps: int = 100) -> None:
+    """Train the tiny UNet itself on these latents and their prompts, as a pretrained model has seen its subjects.
+
+    A random-weight UNet predicts no image's noise better than another's (measured on the demo plus a grey
+    frame: every image within 0.7%, in no stable order), so a per-image loss could rank nothing.
+    """
+    import torch.nn.functional as F
+    from stages.common.textual_inversion import probe_prompts
+    from stages.evaluate.validation import CheckpointModel
+
+    encoder = CheckpointModel(load_model("builtin:tiny-sd15"), Embedding(RUN, {"emb_params": vectors}), RUN, "captions", 1)
+    with torch.no_grad():  # the prompts evaluate scores with, encoded by an identical model
+        context = encoder.conditioning(probe_prompts(encoder.template, examples, RUN)).context
+    latents = torch.stack([e.mean for e in examples]) * bundle.family.vae_scaling_factor
+    unet, generator = bundle.unet, torch.Generator().manual_seed(0)
+    unet.requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    for _ in range(steps):
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, bundle.scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        loss = F.mse_loss(unet(bundle.scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=context).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.requires_grad_(False)
+
+
+def test_an_off_concept_image_ranks_last_in_image_loss_and_is_flagged(vectors, tmp_path):
+    from stages.cache_latents.encode import cache_latents
+    from stages.cache_latents.settings import CacheSettings
+    from stages.caption.captions import write_captions
+    from stages.common.demo_data import write_demo_dataset
+    from stages.common.latents import load_examples
+    from stages.preprocess.prepare import PreprocessSettings, preprocess_folder
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    write_demo_dataset(source)  # eight toys
+    Image.new("RGB", (320, 320), (128, 128, 128)).save(source / "grey_frame.png")
+    (source / "grey_frame.txt").write_text("a toy", encoding="utf-8")
+    preprocess_folder(source, out / "preprocess", PreprocessSettings.from_schema(size=(64, 64)))
+    write_captions(out / "preprocess", out / "caption", "existing")
+    bundle = load_model("builtin:tiny-sd15")
+    cache_latents(out / "preprocess", out / "latents", out / "store", bundle.vae, bundle.identity, settings=CacheSettings.from_schema())
+    teach_unet(bundle, [e for e in load_examples(out / "latents", out / "caption") if e.image != "grey_frame.png"], vectors["sensible"])
+
+    write_run(tmp_path / "train", {2: vectors["sensible"]})
+    run = RunToEvaluate(RUN, RUN, "captions", tmp_path / "train", out / "latents", out / "caption", validation_split=0.0,
+                        init_text="", init_from=None, images_dir=out / "preprocess")
+    metrics = evaluate_run(bundle, run, {**SECTION, "image_loss_timesteps": 16, "checkpoint_grid": 0}, (64, 64), tmp_path / "evaluate")
+
+    table = pd.read_csv(tmp_path / "evaluate" / "image_loss.csv", keep_default_na=False)
+    assert len(table) == 9 and list(table.loss) == sorted(table.loss, reverse=True)  # worst first
+    grey = table.iloc[0]
+    assert grey.image == "grey_frame.png" and grey["rank"] == 9 and sorted(table["rank"]) == list(range(1, 10))
+    assert table.outlier.tolist() == [True] + [False] * 8 and grey.z_score > 2 and "shows the concept" in grey.hint
+    assert metrics["worst_image"] == "grey_frame.png" and metrics["image_outliers"] == ["grey_frame.png"]
+    page = (tmp_path / "evaluate" / "index.html").read_text()
+    assert 'src="thumbs/grey_frame.jpg"' in page and "1 image stands out" in page
+    assert Image.open(tmp_path / "evaluate" / "thumbs" / "grey_frame.jpg").size == (64, 64)
+
+
+def test_outlier_hints_name_a_tight_crop_or_a_caption_that_names_the_concept():
+    from stages.evaluate.image_loss import GENERIC_HINT, outlier_hints, rank_images
+
+    manifest = pd.DataFrame({"output": ["a.png", "b.png", "c.png"], "source": ["a.jpg", "b.jpg", "c.jpg"],
+                             "width": 400, "height": 400, "crop_box": ["0 0 400 400", "100 100 280 280", "0 0 400 400"]})
+    captions = {"a.png": "red ball, grass", "b.png": "red ball", "c.png": "a plush toy, red ball"}
+    hints = outlier_hints(manifest, captions, ["plush", "toy"])
+    assert "kept 20%" in hints["b.png"] and "names the concept (plush, toy)" in hints["c.png"] and "a.png" not in hints
+    # when most captions name the concept, naming it explains nothing
+    assert "c.png" not in outlier_hints(None, {**captions, "a.png": "toy"}, ["toy"])
+    losses = pd.DataFrame({"image": [f"{i}.png" for i in range(9)] + ["b.png"], "split": "training",
+                           "loss": [1.0] * 9 + [2.0], "caption": ""})
+    ranked = rank_images(losses, hints)
+    assert ranked.image[0] == "b.png" and ranked.outlier.sum() == 1 and ranked.hint[0] == hints["b.png"]
+    assert rank_images(losses.assign(loss=1.0)).outlier.sum() == 0  # equal losses: nothing stands out
+    assert ranked.hint[1] == "" and GENERIC_HINT

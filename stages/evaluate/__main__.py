@@ -16,7 +16,7 @@ from stages.common.text import plural
 def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser("evaluate", "Score every saved checkpoint of a run on fixed noise (val_loss.csv), copy the best one to best/, "
                           "and render grid.png, checkpoints.png, loss.png, metrics.json and index.html.",
-                          ("--train-dir", "--latents", "--captions"), {
+                          ("--train-dir", "--preprocessed", "--latents", "--captions"), {
                               "--out": "output folder (default: {out_dir}/evaluate/{run}, or {out_dir}/evaluate with --overview)"})
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", help="the run (embedding name) to evaluate")
@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
     dirs = StageDirs(config["out_dir"])
     size, out = frame_size(config["preprocess"]["size"]), args.out or dirs.evaluate(args.run)
     run = RunToEvaluate.from_run_settings(args.run, run_settings(config, args.run), args.train_dir or dirs.train(args.run),
-                                          args.latents or dirs.latents, args.captions or dirs.caption)
+                                          args.latents or dirs.latents, args.captions or dirs.caption, args.preprocessed or dirs.preprocess)
     from stages.common.models import load_model
     from stages.evaluate.report import evaluate_run
 

@@ -16,6 +16,8 @@ table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 4px 10px; 
 th { background: #f4f4f4; } td.left, th.left { text-align: left; } tr.best { background: #e6f4e6; font-weight: bold; }
 img { max-width: 100%; border: 1px solid #ccc; } figure { margin: 1.5em 0; } figcaption { color: #555; }
 .warn { background: #fff3cd; border: 1px solid #e0c36a; padding: 8px 12px; }
+tr.outlier { background: #fde2e2; } td.hint { text-align: left; max-width: 420px; font-size: 0.9em; }
+nav a { margin-right: 1em; }
 """
 
 
@@ -47,7 +49,32 @@ def _earlier(trainings: list[dict], page_folder: Path) -> str:
     return f"<h2>Earlier trainings</h2>\n<p>Set aside when a setting changed; scored above only if you train them again.</p>\n<ul>{items}</ul>"
 
 
-def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_checkpoint_grid: bool, has_baseline_grid: bool = False) -> None:
+def image_ranking_section(ranking: pd.DataFrame | None, thumbs: dict[str, str]) -> str:
+    """The best checkpoint's loss per image, worst first, outliers flagged with a hint (image_loss.csv)."""
+    if ranking is None:
+        return ""
+    rows = "\n".join(
+        f'<tr class="{"outlier" if r.outlier else ""}">'
+        f'<td>{f"""<img src="thumbs/{escape(thumbs[r.image])}" alt="{escape(r.image)}" width="64">""" if r.image in thumbs else ""}</td>'
+        f'<td class="left">{escape(r.image)}</td><td>{escape(r.split)}</td><td>{format_number(r.loss)}</td>'
+        f'<td>{r.z_score:+.1f}</td><td class="hint">{escape(r.hint)}</td></tr>'
+        for r in ranking.itertuples())
+    flagged = int(ranking.outlier.sum())
+    verdict = (f"<p class=\"warn\">{flagged} image{'s stand' if flagged != 1 else ' stands'} out (red rows): look at "
+               f"{'them' if flagged != 1 else 'it'} before training again.</p>" if flagged else
+               "<p>No image stands out (none is more than 2 standard deviations above the mean).</p>")
+    return f"""<h2 id="images">Which image hurts</h2>
+<p>Each training and held-out image's loss at the best checkpoint, on the same noise and timesteps for every image, so only the
+image and its caption differ. The top rows are the images the embedding explains worst; a red row is more than 2 standard
+deviations above the mean, with a guess at why. The numbers are in <a href="image_loss.csv">image_loss.csv</a>.</p>
+{verdict}
+<table><tr><th></th><th class="left">image</th><th>set</th><th>loss</th><th>σ from mean</th><th class="left">hint</th></tr>
+{rows}
+</table>"""
+
+
+def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_checkpoint_grid: bool, has_baseline_grid: bool = False,
+                 image_ranking: pd.DataFrame | None = None, thumbs: dict[str, str] | None = None) -> None:
     """Write the run's page; every picture and file it names is beside it in the evaluate folder."""
     run = escape(metrics["run"])
     change = metrics.get("val_loss_best_vs_start")
@@ -95,11 +122,12 @@ evaluate prompt, one column per seed.</figcaption></figure>
 {baseline_figure}
 <figure><img src="loss.png" alt="loss curves"><figcaption>Training loss per step, and each checkpoint's validation loss
 on the same {metrics["validation_samples"]} fixed (image, noise, timestep) triples, drawn from {_validation_set(metrics)}.</figcaption></figure>
-<h2>Checkpoints</h2>
+<h2 id="checkpoints">Checkpoints</h2>
 <table><tr><th>step</th><th>validation loss</th><th>mean vector norm</th><th class="left">file</th></tr>
 {rows}
 </table>
 <p>The same numbers are in <a href="val_loss.csv">val_loss.csv</a> and <a href="metrics.json">metrics.json</a>.</p>
+{image_ranking_section(image_ranking, thumbs or {})}
 {_earlier(metrics.get("earlier_trainings", []), target.parent)}
 </body></html>
 """

@@ -28,6 +28,7 @@ from stages.evaluate.charts import step_chart
 from stages.common.tokens import without_trigger
 from stages.evaluate.grid import compose_grid, grid_steps, render_samples, seed_labels, spread_steps
 from stages.evaluate.html import write_report
+from stages.evaluate.image_loss import IMAGE_LOSS_COLUMNS, image_losses, outlier_hints, rank_images, thumbnails
 from stages.evaluate.validation import (
     CheckpointModel,
     best_step,
@@ -36,7 +37,7 @@ from stages.evaluate.validation import (
     starting_checkpoint,
 )
 from stages.common.latents import load_examples, split_validation
-from stages.common.textual_inversion import AptSettings
+from stages.common.textual_inversion import AptSettings, probe_prompts
 from stages.common.trigger import NEGATIVE_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,15 @@ class RunToEvaluate:
     init_from: str | None
     apt: AptSettings | None = None  # DreamArtist's APT: the run also trained {run}-neg
     seed: int = 0  # train.seed: APT's negative start is drawn from it
+    images_dir: Path | None = None  # the preprocess folder: thumbnails and crops for the per-image ranking
 
     @classmethod
-    def from_run_settings(cls, name: str, settings: dict, train_dir: Path, latents_dir: Path, captions_dir: Path) -> "RunToEvaluate":
+    def from_run_settings(cls, name: str, settings: dict, train_dir: Path, latents_dir: Path, captions_dir: Path,
+                          images_dir: Path | None = None) -> "RunToEvaluate":
         """From the run's merged, schema-checked settings (config.run_settings)."""
         return cls(name, settings["token"], settings["template"], train_dir, latents_dir, captions_dir,
                    settings["validation_split"], settings["init_text"], settings.get("init_from"),
-                   AptSettings.from_section(settings.get("apt")), settings["seed"])
+                   AptSettings.from_section(settings.get("apt")), settings["seed"], images_dir)
 
 
 def plot_loss(loss_csv: Path, validation: pd.DataFrame | None, target: Path) -> None:
@@ -113,6 +116,19 @@ def baseline_grid(pipeline, model: CheckpointModel, run: RunToEvaluate, prompts:
     return compose_grid(rows, labels, ["without the embedding"] + [f"step {step}" for step, _, _ in checkpoints])
 
 
+def rank_training_images(model: CheckpointModel, run: RunToEvaluate, examples: list, held_out: list, section: dict,
+                         out_dir: Path, progress=None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """image_loss.csv (the current checkpoint's loss per image, worst first) and a thumbnail per image for the page."""
+    prompts = probe_prompts(model.template, examples, run.token)
+    table = image_losses(model.model, examples, prompts, {e.image for e in held_out}, section["image_loss_timesteps"],
+                         section["validation_seed"], progress)
+    manifest_path = run.images_dir / "manifest.csv" if run.images_dir else None
+    manifest = pd.read_csv(manifest_path, keep_default_na=False) if manifest_path and manifest_path.is_file() else None
+    ranked = rank_images(table, outlier_hints(manifest, dict(zip(table.image, table.caption)), run.init_text.split()))
+    write_csv_atomic(out_dir / "image_loss.csv", ranked)
+    return ranked, thumbnails(ranked, run.images_dir, out_dir / "thumbs") if run.images_dir else {}
+
+
 def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: tuple[int, int], out_dir: Path,
                  clip_skip: int = 1, progress=None) -> dict:
     """Write every evaluate output for `run` into out_dir; return the metrics (also in metrics.json)."""
@@ -134,6 +150,12 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     best_pair = [(run.name, embeddings[best])] + ([(run.name + NEGATIVE_SUFFIX, negatives[best])] if negatives[best] else [])
     best_files = [path for stem, embedding in best_pair for path in save_embedding_files(embedding, out_dir / "best", stem)]
     plot_loss(run.train_dir / "loss.csv", validation, out_dir / "loss.png")
+    ranking, thumbs = None, {}
+    if section["image_loss_timesteps"]:
+        model.use(embeddings[best], f"step {best}", negatives[best])
+        ranking, thumbs = rank_training_images(model, run, trained_on + held_out, held_out, section, out_dir)
+    else:  # a declared output: its header says what it would hold
+        write_csv_atomic(out_dir / "image_loss.csv", pd.DataFrame(columns=IMAGE_LOSS_COLUMNS))
 
     pipeline = build_pipeline(bundle)
     prompts = [p.replace("[name]", run.token) for p in section["prompts"]]
@@ -162,8 +184,12 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
         (out_dir / "checkpoints.png").unlink(missing_ok=True)
 
     metrics = _metrics(run, validation, best, final.step, examples, bool(held_out), section, best_files, out_dir)
+    if ranking is not None:  # worst first
+        metrics["worst_image"] = str(ranking.image.iloc[0])
+        metrics["image_outliers"] = ranking[ranking.outlier].image.tolist()
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_report(out_dir / "index.html", metrics, validation, has_checkpoint_grid=bool(rows), has_baseline_grid=bool(baseline_steps))
+    write_report(out_dir / "index.html", metrics, validation, has_checkpoint_grid=bool(rows), has_baseline_grid=bool(baseline_steps),
+                 image_ranking=ranking, thumbs=thumbs)
     return metrics
 
 
