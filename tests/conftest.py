@@ -35,3 +35,11 @@ def demo_prepared(tmp_path_factory) -> Path:
     bundle = load_model("builtin:tiny-sd15")
     cache_latents(out / "preprocess", out / "latents", out / "cache" / "latents", bundle.vae, bundle.identity, settings=CacheSettings.from_schema())
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory) -> Path:
+    """A tiny random-weight CLIP model saved in transformers' layout (tests/tiny_clip.py)."""
+    from tiny_clip import write_tiny_clip
+
+    return write_tiny_clip(tmp_path_factory.mktemp("clip"))

@@ -209,18 +209,28 @@ def test_the_overview_page_compares_every_run_and_names_a_missing_one(tmp_path):
         write_overview(tmp_path, ["alpha", "gamma"])
 
 
-def test_the_baseline_grid_renders_the_prompt_without_the_embedding_beside_the_chosen_checkpoints(vectors, demo_prepared, tmp_path):
+def test_the_baseline_grid_renders_the_prompt_without_the_embedding_beside_the_chosen_checkpoints(vectors, demo_prepared, tmp_path,
+                                                                                                clip_folder):
     from stages.common.models import load_model
     from stages.evaluate.grid import LABEL_HEIGHT
 
     write_run(tmp_path / "train", {2: vectors["sensible"], 4: vectors["wild"]})
-    grids = {}
-    for step in (2, 4):  # the same run shown at one checkpoint, then at the other
+    grids, pages = {}, {}
+    for step, clip_model in ((2, str(clip_folder)), (4, None)):  # the same run shown at one checkpoint, then at the other
         out = tmp_path / f"evaluate-{step}"
-        evaluate_run(load_model("builtin:tiny-sd15"), run_of(tmp_path, demo_prepared, init_text="toy"),
-                     {**SECTION, "grid_steps": [step]}, (64, 64), out)
+        run = RunToEvaluate(**{**run_of(tmp_path, demo_prepared, init_text="toy").__dict__, "images_dir": demo_prepared / "preprocess"})
+        evaluate_run(load_model("builtin:tiny-sd15"), run, {**SECTION, "grid_steps": [step], "clip_model": clip_model}, (64, 64), out)
         grids[step] = np.asarray(Image.open(out / "baseline.png").convert("RGB")).astype(int)
-        assert 'src="baseline.png"' in (out / "index.html").read_text()
+        pages[step] = (out / "index.html").read_text()
+        assert 'src="baseline.png"' in pages[step]
+    # with a CLIP model: every baseline.png cell scored, the chart and the table on the page; without: how to add one
+    scores = pd.read_csv(tmp_path / "evaluate-2" / "similarity.csv")
+    assert len(scores) == 2 * len(SECTION["prompts"]) * len(SECTION["seeds"]) and scores.likeness.between(-1, 1).all()
+    assert set(scores.column) == {"without the embedding", "step 2"} and "a photo of toy" in set(scores.prompt)
+    assert 'src="similarity.png"' in pages[2] and "evaluate.clip_model: /path" not in pages[2] and pages[2].count("<td>4</td>") >= 2
+    assert Image.open(tmp_path / "evaluate-2" / "similarity.png").size[0] > 300
+    assert "similarity.png" not in pages[4] and "evaluate.clip_model: /path/to/folder" in pages[4]
+    assert not (tmp_path / "evaluate-4" / "similarity.csv").exists()
     rows = len(SECTION["prompts"]) * len(SECTION["seeds"])
     assert grids[2].shape == (rows * (64 + LABEL_HEIGHT), 2 * 64, 3)  # prompt × seed rows; without, then the checkpoint
 

@@ -97,3 +97,14 @@ def test_passed_trigger_checks_are_remembered_and_a_new_word_is_still_checked(tm
         check_before_work(validate_config({"runs": {"zzqtok": {"init_text": "cat"}, "cat": {}}}), memo)
     memo.write_text("not json")  # a damaged memo checks everything again
     check_before_work(validate_config({"runs": {"zzqtok": {"init_text": "cat"}}}), memo)
+
+
+def test_a_missing_clip_model_folder_is_refused_at_the_start(tmp_path):
+    from stages.common.config import ConfigError, validate_config
+    from stages.common.preflight import check_paths
+
+    config = validate_config({"evaluate": {"clip_model": str(tmp_path / "clip")}, "runs": {"zzqtok": {}}})
+    with pytest.raises(ConfigError, match=r"evaluate.clip_model: .*clip is not a folder; .*set evaluate.clip_model: null"):
+        check_paths(config)
+    (tmp_path / "clip").mkdir()
+    check_paths(config)

@@ -42,7 +42,7 @@ def checker():
 
 
 @pytest.fixture(scope="module")
-def report_folder(demo_prepared, tmp_path_factory):
+def report_folder(demo_prepared, tmp_path_factory, clip_folder):
     """A folder with train/ (a run of two checkpoints and an earlier training) and out/evaluate/ (its pages)."""
     root = tmp_path_factory.mktemp("report_pages")
     bundle = load_model("builtin:tiny-sd15")
@@ -52,8 +52,8 @@ def report_folder(demo_prepared, tmp_path_factory):
     write_run(root / "train", {2: vectors, 4: vectors + 0.1})
     save_embedding_files(Embedding(RUN, {"emb_params": vectors * 3}, step=10), root / "train" / "steps" / EARLIER, f"{RUN}-10")
     run = RunToEvaluate(RUN, RUN, "captions", root / "train", demo_prepared / "latents", demo_prepared / "caption",
-                        validation_split=0.0, init_text="toy", init_from=None)
-    evaluate_run(bundle, run, SECTION, (64, 64), root / "out" / "evaluate" / RUN)
+                        validation_split=0.0, init_text="toy", init_from=None, images_dir=demo_prepared / "preprocess")
+    evaluate_run(bundle, run, {**SECTION, "clip_model": str(clip_folder)}, (64, 64), root / "out" / "evaluate" / RUN)
     write_overview(root / "out" / "evaluate", [RUN])
     return root
 
@@ -68,7 +68,8 @@ def report_pages(root) -> list[tuple[str, object]]:
 
 def test_every_page_renders_with_all_its_pictures_and_links(checker, report_folder, tmp_path):
     run_page = (report_folder / "out" / "evaluate" / RUN / "index.html").read_text()
-    for shown in ("grid.png", "checkpoints.png", "baseline.png", "loss.png", f"{EARLIER}/{RUN}-10.safetensors"):
+    for shown in ("grid.png", "checkpoints.png", "baseline.png", "loss.png", "similarity.png", "thumbs/toy_00.jpg", "image_loss.csv",
+                  f"{EARLIER}/{RUN}-10.safetensors"):
         assert shown in run_page  # the pictures and links the check must see are on the page
     broken = {}
     for name, page in report_pages(report_folder):

@@ -8,32 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.common.clip_vocab import build_clip_tokenizer, write_tokenizer_files
+from stages.common.clip_vocab import write_tokenizer_files
 from stages.common.errors import InputError, MissingInput
 from stages.evaluate.similarity import ClipScorer, plot_tradeoff, similarity_table, summarise, tradeoff_points
 
-IMAGE_SIZE = 32
-PROJECTION = 16
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """What CLIPModel/CLIPTokenizer save_pretrained write, plus a preprocessor_config.json as in openai's folders (32 px)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(small, vocab_size=49408, max_position_embeddings=77),
-                        vision_config=dict(small, image_size=IMAGE_SIZE, patch_size=8), projection_dim=PROJECTION)
-    CLIPModel(config).save_pretrained(folder)
-    build_clip_tokenizer().save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE},
-        "do_center_crop": True, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
-    return folder
+from tiny_clip import PROJECTION  # the size of the clip_folder fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,10 @@ def check_paths(config: dict) -> None:
             raise ConfigError(str(error)) from None
     elif not Path(model).exists():
         raise ConfigError(f"model.path: {model} does not exist; give a diffusers folder, a .safetensors/.ckpt file, or builtin:tiny-sd15")
+    clip_model = config["evaluate"].get("clip_model")
+    if clip_model and not Path(clip_model).expanduser().is_dir():
+        raise ConfigError(f"evaluate.clip_model: {clip_model} is not a folder; give a CLIP model folder saved by transformers' "
+                          "save_pretrained, or set evaluate.clip_model: null (the report then says how to add one)")
 
 
 def check_runs(config: dict, memo: Path | None = None) -> None:

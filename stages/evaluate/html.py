@@ -73,8 +73,44 @@ deviations above the mean, with a guess at why. The numbers are in <a href="imag
 </table>"""
 
 
+NO_CLIP_MODEL = ("<p>No CLIP model is set, so the grid images are not scored. To score them, put a CLIP model folder on this "
+                 "machine (transformers' layout: <code>CLIPModel.from_pretrained(...).save_pretrained(folder)</code> with its "
+                 "tokenizer and image processor, for example a copy of openai/clip-vit-large-patch14 made where the Hub can be "
+                 "reached) and set <code>evaluate.clip_model: /path/to/folder</code> in config.yaml. tiflow downloads nothing.</p>")
+
+
+def similarity_section(similarity: pd.DataFrame | None, clip_model: str | None) -> str:
+    """CLIP likeness against editability per checkpoint, or how to get it."""
+    head = '<h2 id="similarity">Likeness and editability</h2>'
+    if not clip_model:
+        return f"{head}\n{NO_CLIP_MODEL}"
+    if similarity is None:
+        return (f"{head}\n<p>evaluate.clip_model is set, but the scores read baseline.png's images and there is none: set "
+                "evaluate.checkpoint_grid above 0 or list evaluate.grid_steps.</p>")
+    rows = "\n".join(f'<tr><td class="left">{escape(str(r.column))}</td><td>{format_number(r.likeness)}</td>'
+                     f'<td>{format_number(r.editability)}</td><td>{int(r.images)}</td></tr>' for r in similarity.itertuples())
+    return f"""{head}
+<figure><img src="similarity.png" alt="likeness against editability per checkpoint"><figcaption>Each column of baseline.png
+scored by CLIP ({escape(clip_model)}): right = the images look more like the training images, up = the prompt's other words
+still show. Training usually moves right and down; the star is the prompt alone. Pick the checkpoint that is far enough
+right before it drops too far.</figcaption></figure>
+<table><tr><th class="left">column</th><th>likeness</th><th>editability</th><th>images</th></tr>
+{rows}
+</table>
+<p>Per image: <a href="similarity.csv">similarity.csv</a>.</p>"""
+
+
+def _nav(has_baseline_grid: bool, has_ranking: bool, preflight_page: str | None) -> str:
+    links = [("#samples", "samples"), ("#baseline", "with and without the embedding") if has_baseline_grid else None,
+             ("#checkpoints", "checkpoints"), ("#images", "which image hurts") if has_ranking else None,
+             ("#similarity", "likeness and editability"), (preflight_page, "pre-flight report") if preflight_page else None,
+             ("../index.html", "all runs")]
+    return "<nav>" + "".join(f'<a href="{escape(href)}">{text}</a>' for href, text in filter(None, links)) + "</nav>"
+
+
 def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_checkpoint_grid: bool, has_baseline_grid: bool = False,
-                 image_ranking: pd.DataFrame | None = None, thumbs: dict[str, str] | None = None) -> None:
+                 image_ranking: pd.DataFrame | None = None, thumbs: dict[str, str] | None = None,
+                 similarity: pd.DataFrame | None = None, clip_model: str | None = None, preflight_page: str | None = None) -> None:
     """Write the run's page; every picture and file it names is beside it in the evaluate folder."""
     run = escape(metrics["run"])
     change = metrics.get("val_loss_best_vs_start")
@@ -103,7 +139,7 @@ def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_chec
         if has_checkpoint_grid else ""
     )
     baseline_figure = (
-        '<figure><img src="baseline.png" alt="each prompt without the embedding, then at chosen checkpoints"><figcaption>Each '
+        '<figure id="baseline"><img src="baseline.png" alt="each prompt without the embedding, then at chosen checkpoints"><figcaption>Each '
         "prompt and seed without the embedding (left: the trigger word replaced by the init text, or removed), then at the "
         "chosen checkpoints (evaluate.grid_steps), same noise in every cell of a row. If the left column already shows your "
         "concept, the prompt gives the likeness, not the embedding.</figcaption></figure>"
@@ -114,9 +150,10 @@ def write_report(target: Path, metrics: dict, validation: pd.DataFrame, has_chec
 <body>
 <h1>{run}</h1>
 <p class="sub">Textual Inversion run evaluated by tiflow. Best checkpoint: {best_links}</p>
+{_nav(has_baseline_grid, image_ranking is not None, preflight_page)}
 <table>{"".join(f'<tr><th class="left">{escape(k)}</th><td>{v}</td></tr>' for k, v in summary)}</table>
 {"" if metrics["beats_start"] else WARNING}
-<figure><img src="grid.png" alt="samples with the final embedding"><figcaption>The final embedding: one row per
+<figure id="samples"><img src="grid.png" alt="samples with the final embedding"><figcaption>The final embedding: one row per
 evaluate prompt, one column per seed.</figcaption></figure>
 {checkpoint_figure}
 {baseline_figure}
@@ -128,6 +165,7 @@ on the same {metrics["validation_samples"]} fixed (image, noise, timestep) tripl
 </table>
 <p>The same numbers are in <a href="val_loss.csv">val_loss.csv</a> and <a href="metrics.json">metrics.json</a>.</p>
 {image_ranking_section(image_ranking, thumbs or {})}
+{similarity_section(similarity, clip_model)}
 {_earlier(metrics.get("earlier_trainings", []), target.parent)}
 </body></html>
 """

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from stages.common.embedding.core import Embedding, save_embedding_files
 from stages.common.layout import latest_snapshot
@@ -37,7 +39,7 @@ from stages.evaluate.validation import (
     starting_checkpoint,
 )
 from stages.common.latents import load_examples, split_validation
-from stages.common.textual_inversion import AptSettings, probe_prompts
+from stages.common.textual_inversion import AptSettings, pick_device, probe_prompts
 from stages.common.trigger import NEGATIVE_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -98,9 +100,11 @@ def baseline_grid(pipeline, model: CheckpointModel, run: RunToEvaluate, prompts:
     """Prompt × seed rows; the first column renders the prompt without the embedding, the others at each checkpoint.
 
     The same seed gives the same starting noise in every cell of a row, so only the embedding differs, as
-    in AUTOMATIC1111's X/Y plot with the trigger word swapped out by hand.
+    in AUTOMATIC1111's X/Y plot with the trigger word swapped out by hand. Returns the grid and its cells
+    (column, step, prompt without the trigger, seed, image), which the similarity scores read.
     """
-    plain, no_negative = [model.conditioning([baseline_prompt(p, run)]) for p in prompts], model.conditioning([""])
+    plain_prompts = [baseline_prompt(p, run) for p in prompts]
+    plain, no_negative = [model.conditioning([p]) for p in plain_prompts], model.conditioning([""])
     cells = {(p, seed, "base"): sample_image(pipeline, seed, render[0], render[1], render[2], plain[p], no_negative)
              for p in range(len(prompts)) for seed in seeds}
     negative_text = [model.model.negative_token or ""]
@@ -113,7 +117,34 @@ def baseline_grid(pipeline, model: CheckpointModel, run: RunToEvaluate, prompts:
                 cells[(p, seed, step)] = sample_image(pipeline, seed, render[0], render[1], render[2], conditioning, negative_now)
     rows = [[cells[(p, seed, "base")]] + [cells[(p, seed, step)] for step, _, _ in checkpoints] for p in range(len(prompts)) for seed in seeds]
     labels = [f"{prompt}  /  seed {seed}" for prompt in prompts for seed in seeds]
-    return compose_grid(rows, labels, ["without the embedding"] + [f"step {step}" for step, _, _ in checkpoints])
+    columns = [BASELINE_COLUMN] + [f"step {step}" for step, _, _ in checkpoints]
+    listed = [{"column": BASELINE_COLUMN if step == "base" else f"step {step}", "step": None if step == "base" else step,
+               "prompt": plain_prompts[p], "seed": seed, "image": image} for (p, seed, step), image in cells.items()]
+    return compose_grid(rows, labels, columns), listed
+
+
+BASELINE_COLUMN = "without the embedding"
+
+
+def score_similarity(clip_model: str | None, cells: list[dict], images_dir: Path | None, image_names: list[str],
+                     out_dir: Path) -> pd.DataFrame | None:
+    """similarity.csv (per grid image) and similarity.png (per checkpoint) when evaluate.clip_model is set; else None."""
+    for stale in ("similarity.csv", "similarity.png"):
+        (out_dir / stale).unlink(missing_ok=True)
+    if not clip_model or not cells or images_dir is None:
+        return None
+    from stages.evaluate.similarity import ClipScorer, plot_tradeoff, similarity_table, summarise
+
+    scorer = ClipScorer.load(clip_model, pick_device())
+    training = []
+    for name in image_names:
+        with Image.open(images_dir / name) as picture:
+            training.append(picture.convert("RGB"))
+    table = similarity_table(scorer, cells, training)
+    write_csv_atomic(out_dir / "similarity.csv", table)
+    summary = summarise(table)
+    plot_tradeoff(summary, out_dir / "similarity.png")
+    return summary
 
 
 def rank_training_images(model: CheckpointModel, run: RunToEvaluate, examples: list, held_out: list, section: dict,
@@ -165,11 +196,13 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     rows = render_samples(pipeline, [model.conditioning([p]) for p in prompts], model.conditioning(negative_prompt), seeds, *render)
     save_png(compose_grid(rows, prompts, seeds_shown := seed_labels(seeds)), out_dir / "grid.png")
     baseline_steps = grid_steps(sorted(embeddings), section["grid_steps"], section["checkpoint_grid"], best)
+    cells = []
     if baseline_steps:
-        save_png(baseline_grid(pipeline, model, run, prompts, seeds, render, [(step, embeddings[step], negatives[step]) for step in baseline_steps]),
-                 out_dir / "baseline.png")
+        grid, cells = baseline_grid(pipeline, model, run, prompts, seeds, render, [(step, embeddings[step], negatives[step]) for step in baseline_steps])
+        save_png(grid, out_dir / "baseline.png")
     else:
         (out_dir / "baseline.png").unlink(missing_ok=True)
+    similarity = score_similarity(section["clip_model"], cells, run.images_dir, sorted({e.image for e in trained_on}), out_dir)
 
     shown = spread_steps(sorted(embeddings), section["checkpoint_grid"], best)
     rows, labels = [], []
@@ -189,8 +222,15 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
         metrics["image_outliers"] = ranking[ranking.outlier].image.tolist()
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_report(out_dir / "index.html", metrics, validation, has_checkpoint_grid=bool(rows), has_baseline_grid=bool(baseline_steps),
-                 image_ranking=ranking, thumbs=thumbs)
+                 image_ranking=ranking, thumbs=thumbs, similarity=similarity, clip_model=section["clip_model"],
+                 preflight_page=_preflight_link(out_dir))
     return metrics
+
+
+def _preflight_link(out_dir: Path) -> str | None:
+    """The workflow's pre-flight page ({out_dir}/preflight/index.html) relative to this run's page, when it exists."""
+    page = out_dir.resolve().parent.parent / "preflight" / "index.html"
+    return os.path.relpath(page, out_dir.resolve()) if page.is_file() else None
 
 
 def _metrics(run: RunToEvaluate, validation: pd.DataFrame, best: int, final_step: int, examples: list, held_out: bool,
