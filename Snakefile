@@ -50,7 +50,7 @@ except WorkflowError:
     CORES = 1  # no --cores: snakemake --report, --lint or a cluster profile, whose set-threads decide
 RUNS = list(config["runs"])
 
-localrules: all, overview  # on a cluster, these need no job of their own
+localrules: all, overview, preflight  # on a cluster, these need no job of their own
 
 report: "report/workflow.rst"  # snakemake --report report.html: the grids, loss plots and metrics of every run
 
@@ -58,6 +58,7 @@ report: "report/workflow.rst"  # snakemake --report report.html: the grids, loss
 rule all:
     input:
         f"{DIRS.evaluate_root}/index.html",
+        f"{DIRS.preflight}/index.html",
 
 
 rule preprocess:
@@ -116,8 +117,50 @@ rule cache_latents:
         "{params.python} -m stages.cache_latents --settings {params.settings:q} --threads {threads} --log {log:q}"
 
 
+rule preflight_run:
+    input:
+        manifest=rules.preprocess.output.manifest,
+        captions=rules.caption.output,
+        model=model_inputs(config),
+    output:
+        f"{DIRS.preflight}/runs/{RUN}.json",
+    params:
+        python=PY,
+        settings=lambda wildcards: stage_settings(config, "preflight", wildcards.run),
+    log:
+        DIRS.log(f"preflight_{RUN}"),
+    threads: CORES
+    resources:
+        gpu=1,  # it times a few real training steps on the device training will use
+    conda:
+        ENV
+    shell:
+        "{params.python} -m stages.train --preflight --settings {params.settings:q} --run {wildcards.run:q} --log {log:q}"
+
+
+rule preflight:
+    input:
+        runs=expand(f"{DIRS.preflight}/runs/{RUN}.json", run=RUNS),
+        manifest=rules.preprocess.output.manifest,
+    output:
+        report=f"{DIRS.preflight}/index.html",
+        facts=f"{DIRS.preflight}/preflight.json",
+        aspect=report(f"{DIRS.preflight}/aspect_ratios.png", caption="report/preflight.rst", category="Pre-flight",
+                      labels={"figure": "aspect ratios"}),
+    params:
+        python=PY,
+        settings=stage_settings(config, "preflight"),
+    log:
+        DIRS.log("preflight"),
+    conda:
+        ENV
+    shell:
+        "{params.python} -m stages.train --preflight --settings {params.settings:q} --log {log:q}"
+
+
 rule train:
     input:
+        preflight=rules.preflight_run.output,  # this run's part of the pre-flight report comes first: its time, memory, warnings
         latents=rules.cache_latents.output,
         captions=rules.caption.output,
         model=model_inputs(config),

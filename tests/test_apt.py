@@ -137,7 +137,7 @@ def test_evaluate_renders_with_the_negative_embedding_as_the_negative_prompt(dem
     run = RunToEvaluate("aptok", "aptok", "captions", tmp_path / "train", demo_prepared / "latents", demo_prepared / "caption",
                         0.0, "toy", None, AptSettings.from_section(APT), 0)
     section = {"prompts": ["a photo of [name]"], "seeds": [1], "steps": 2, "guidance_scale": 3.0, "checkpoint_grid": 0, "grid_steps": [],
-               "validation_samples": 4, "validation_seed": 0}
+               "validation_samples": 4, "validation_seed": 0, "image_loss_timesteps": 2, "clip_model": None}
     metrics = evaluate_run(load_model("builtin:tiny-sd15"), run, section, (64, 64), tmp_path / "eval")
 
     bundle = load_model("builtin:tiny-sd15")
@@ -230,6 +230,7 @@ def test_the_commented_apt_run_in_config_yaml_runs_end_to_end(tmp_path):
     config["runs"] = yaml.safe_load("\n".join(line[2:] for line in lines))  # the APT run alone, as uncommented
     assert config["runs"]["demoapt"]["apt"]["cfg_scale"] == 3 and config["runs"]["demoapt"]["apt"]["ema"] == 0.97
     config["runs"]["demoapt"].update(steps=20, save_every=10)  # the run as written; fewer steps keep the test short
+    config["evaluate"].update(steps=2, seeds=[1], validation_samples=4)  # and a short evaluate: sampling is not what it checks
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"],
                             capture_output=True, text=True, timeout=900)

@@ -16,6 +16,9 @@ from stages.common.embedding.core import Embedding, save_embedding_files
 from stages.common.models import load_model
 from stages.evaluate.overview import write_overview
 from stages.evaluate.report import RunToEvaluate, evaluate_run
+from stages.train.preflight_page import write_preflight_page
+from stages.train.preflight_report import build_preflight
+from stages.train.step_timing import measure_steps
 
 pytestmark = pytest.mark.skipif(find_browser() is None, reason=f"no headless Chromium on PATH ({' or '.join(BROWSER_NAMES)}): {GET_A_BROWSER}")
 
@@ -51,6 +54,10 @@ def report_folder(demo_prepared, tmp_path_factory, clip_folder):
     vectors = torch.stack([toy, toy])
     write_run(root / "train", {2: vectors, 4: vectors + 0.1})
     save_embedding_files(Embedding(RUN, {"emb_params": vectors * 3}, step=10), root / "train" / "steps" / EARLIER, f"{RUN}-10")
+    for stage in ("preprocess", "caption"):  # the pre-flight report reads them where the workflow puts them
+        shutil.copytree(demo_prepared / stage, root / "out" / stage)
+    config = validate_config({"out_dir": str(root / "out"), "preprocess": {"size": 64}, "runs": {RUN: {"init_text": "toy", "vectors": 2}}})
+    write_preflight_page(root / "out" / "preflight", build_preflight(config, lambda: load_model("builtin:tiny-sd15"), measure_steps))
     run = RunToEvaluate(RUN, RUN, "captions", root / "train", demo_prepared / "latents", demo_prepared / "caption",
                         validation_split=0.0, init_text="toy", init_from=None, images_dir=demo_prepared / "preprocess")
     evaluate_run(bundle, run, {**SECTION, "clip_model": str(clip_folder)}, (64, 64), root / "out" / "evaluate" / RUN)
@@ -63,13 +70,14 @@ def report_pages(root) -> list[tuple[str, object]]:
     return [
         ("run", root / "out" / "evaluate" / RUN / "index.html"),
         ("overview", root / "out" / "evaluate" / "index.html"),
+        ("preflight", root / "out" / "preflight" / "index.html"),
     ]
 
 
 def test_every_page_renders_with_all_its_pictures_and_links(checker, report_folder, tmp_path):
     run_page = (report_folder / "out" / "evaluate" / RUN / "index.html").read_text()
     for shown in ("grid.png", "checkpoints.png", "baseline.png", "loss.png", "similarity.png", "thumbs/toy_00.jpg", "image_loss.csv",
-                  f"{EARLIER}/{RUN}-10.safetensors"):
+                  f"{EARLIER}/{RUN}-10.safetensors", "../../preflight/index.html"):
         assert shown in run_page  # the pictures and links the check must see are on the page
     broken = {}
     for name, page in report_pages(report_folder):
@@ -82,10 +90,12 @@ def test_every_page_renders_with_all_its_pictures_and_links(checker, report_fold
 
 
 @pytest.mark.parametrize("remove, expected", [
-    (f"out/evaluate/{RUN}/grid.png", {"run": ["grid.png"], "overview": [f"{RUN}/grid.png"]}),  # a picture
-    (f"out/evaluate/{RUN}/val_loss.csv", {"run": ["val_loss.csv"], "overview": []}),  # a link
-    (f"train/steps/{EARLIER}/{RUN}-10.safetensors", {"run": [f"../../../train/steps/{EARLIER}/{RUN}-10.safetensors"], "overview": []}),
-], ids=["image", "link", "link-outside"])
+    (f"out/evaluate/{RUN}/grid.png", {"run": ["grid.png"], "overview": [f"{RUN}/grid.png"], "preflight": []}),  # a picture
+    (f"out/evaluate/{RUN}/val_loss.csv", {"run": ["val_loss.csv"], "overview": [], "preflight": []}),  # a link
+    ("out/preflight/aspect_ratios.png", {"run": [], "overview": [], "preflight": ["aspect_ratios.png"]}),
+    (f"train/steps/{EARLIER}/{RUN}-10.safetensors", {"run": [f"../../../train/steps/{EARLIER}/{RUN}-10.safetensors"], "overview": [],
+                                                   "preflight": []}),
+], ids=["image", "link", "preflight-image", "link-outside"])
 def test_a_missing_file_is_reported_by_name(checker, report_folder, tmp_path, remove, expected):
     copy = tmp_path / "copy"
     shutil.copytree(report_folder, copy)

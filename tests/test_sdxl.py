@@ -138,6 +138,7 @@ def test_the_commented_sdxl_run_in_config_yaml_runs_end_to_end(tmp_path):
     assert config["model"]["path"] == "builtin:tiny-sdxl" and config["preprocess"]["mode"] == "bucket"
     for run in config["runs"].values():  # the block as written; fewer steps keep the test short
         run.update(steps=20, save_every=10)
+    config["evaluate"].update(steps=2, seeds=[1], validation_samples=4)  # a short evaluate: sampling is not what it checks
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"],
                             capture_output=True, text=True, timeout=900)

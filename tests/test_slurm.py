@@ -17,7 +17,7 @@ from conftest import REPO
 
 SLURM_UP = REPO / ".ci" / "slurm-up"
 HARD_TIMEOUT_S = 300  # snakemake ignores SIGTERM while its jobs run: past this, its process group is killed
-CLUSTER_STAGES = {"preprocess", "caption", "cache_latents", "train", "evaluate"}  # all and overview are localrules
+CLUSTER_STAGES = {"preprocess", "caption", "preflight_run", "cache_latents", "train", "evaluate"}  # all, overview and preflight (the page) are localrules
 
 DEMO = {
     "out_dir": "out",

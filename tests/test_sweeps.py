@@ -54,7 +54,7 @@ def test_a_2x2_sweep_expands_to_four_named_runs_that_share_the_stages_and_the_to
 
     jobs = planned(snakemake(workdir_with(tmp_path, SWEEP), "-n"))
     assert {rule: len(runs) for rule, runs in jobs.items() if rule != "all"} == {
-        "preprocess": 1, "caption": 1, "cache_latents": 1, "train": 4, "evaluate": 4, "overview": 1}
+        "preprocess": 1, "caption": 1, "preflight_run": 4, "preflight": 1, "cache_latents": 1, "train": 4, "evaluate": 4, "overview": 1}
     assert sorted(jobs["train"]) == SWEEP_RUNS
 
     listed = subprocess.run([sys.executable, "-m", "stages.tools.cli", "runs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -66,7 +66,7 @@ def test_a_2x2_sweep_expands_to_four_named_runs_that_share_the_stages_and_the_to
 def test_changing_one_grid_value_plans_only_the_runs_it_touches(tmp_path):
     workdir = workdir_with(tmp_path, SWEEP)
     summary = snakemake(workdir, "-n", "--summary").stdout.splitlines()
-    for line in summary[1:]:  # stand in for a finished sweep: every output present, recorded by --touch
+    for line in reversed(summary[1:]):  # stand in for a finished sweep: every output present, older stages' first, recorded by --touch
         output = workdir / line.split("\t")[0]
         output.parent.mkdir(parents=True, exist_ok=True)
         output.touch()
@@ -78,6 +78,7 @@ def test_changing_one_grid_value_plans_only_the_runs_it_touches(tmp_path):
     jobs = planned(snakemake(workdir_with(tmp_path, edited), "-n"))
     assert sorted(jobs["train"]) == ["zzq-learning_rate-0.02-vectors-1", "zzq-learning_rate-0.02-vectors-2"]
     assert sorted(jobs["evaluate"]) == sorted(jobs["train"]) and "overview" in jobs
+    assert sorted(jobs["preflight_run"]) == sorted(jobs["train"]) and "preflight" in jobs  # the changed runs' parts, then the page
     assert not {"preprocess", "caption", "cache_latents"} & set(jobs)  # shared, unchanged
 
 

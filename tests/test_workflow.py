@@ -32,7 +32,7 @@ def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
 def finished_workflow(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("workflow")
     (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
-    assert planned_jobs(snakemake(workdir, "-n")) == {"preprocess", "caption", "cache_latents", "train", "evaluate", "overview", "all"}
+    assert planned_jobs(snakemake(workdir, "-n")) == {"preprocess", "caption", "preflight_run", "preflight", "cache_latents", "train", "evaluate", "overview", "all"}
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
@@ -57,11 +57,11 @@ def test_nothing_reruns_when_nothing_changed(finished_workflow):
     assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-2000:]
 
 
-def test_a_train_edit_reruns_only_train_and_evaluate(finished_workflow):
+def test_a_train_edit_reruns_only_train_evaluate_and_the_preflight_report(finished_workflow):
     edited = dict(TINY, train=dict(TINY["train"], learning_rate=0.02))
     (finished_workflow / "edited.yaml").write_text(yaml.safe_dump(edited))
     result = snakemake(finished_workflow, "-n", "--configfile", str(finished_workflow / "edited.yaml"))
-    assert planned_jobs(result) == {"train", "evaluate", "overview", "all"}
+    assert planned_jobs(result) == {"preflight_run", "preflight", "train", "evaluate", "overview", "all"}
 
 
 def test_a_bad_config_stops_before_any_work(tmp_path):
@@ -90,10 +90,10 @@ def test_the_slurm_profile_sends_each_stage_as_a_job_and_the_model_stages_get_a_
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     resources = planned_resources(result)
-    assert set(resources) == {"preprocess", "caption", "cache_latents", "train", "evaluate", "overview", "all"}
-    for stage in ("cache_latents", "train", "evaluate"):
+    assert set(resources) == {"preprocess", "caption", "preflight_run", "preflight", "cache_latents", "train", "evaluate", "overview", "all"}
+    for stage in ("preflight_run", "cache_latents", "train", "evaluate"):
         assert resources[stage].get("gpu") == "1", (stage, resources[stage])
-    for stage in ("preprocess", "caption", "overview"):
+    for stage in ("preprocess", "caption", "overview", "preflight"):
         assert "gpu" not in resources[stage], (stage, resources[stage])
     assert int(resources["train"]["runtime"]) > int(resources["preprocess"]["runtime"])
 
@@ -141,7 +141,7 @@ def test_on_one_machine_the_gpu_stages_take_turns(tmp_path):
             rule = line.split()[1].rstrip(":")
         elif line.strip().startswith("threads:") and rule:
             threads.setdefault(rule, set()).add(int(line.split(":")[1]))
-    for stage in ("cache_latents", "train", "evaluate"):
+    for stage in ("preflight_run", "cache_latents", "train", "evaluate"):
         assert threads[stage] == {3} and resources[stage].get("gpu") == "1", (stage, threads[stage], resources[stage])
     assert "gpu" not in resources["preprocess"] and "gpu" not in resources["caption"]
 
@@ -152,7 +152,8 @@ def test_adding_or_editing_an_image_reruns_preprocess_and_nothing_else_does(tmp_
     for index in range(3):
         Image.new("RGB", (80, 80), (60 * index, 90, 30)).save(images / f"photo_{index}.png")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, "dataset": {"images": str(images)}}))
-    for line in snakemake(tmp_path, "-n", "--summary").stdout.splitlines()[1:]:  # stand in for a finished workflow
+    # stand in for a finished workflow: every output present, older stages' first (the summary lists the last first)
+    for line in reversed(snakemake(tmp_path, "-n", "--summary").stdout.splitlines()[1:]):
         output = tmp_path / line.split("\t")[0]
         output.parent.mkdir(parents=True, exist_ok=True)
         output.touch()

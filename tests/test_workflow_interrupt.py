@@ -1,5 +1,6 @@
 """A stop signal under Snakemake reaches every process of the job at once; training must still save and resume exactly."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,10 @@ from conftest import REPO
 CONFIG = {
     "out_dir": "out",
     "preprocess": {"size": 64},
-    "train": {"steps": 300, "save_every": 100, "learning_rate": 0.005, "seed": 3, "latent_sampling": "random"},
+    "train": {"steps": 150, "save_every": 50, "learning_rate": 0.005, "seed": 3, "latent_sampling": "random"},
     "runs": {"demotok": {"init_text": "cat", "vectors": 2}},
+    # the rerun goes on through evaluate: keep its sampling short, it is not what these tests check
+    "evaluate": {"seeds": [1], "steps": 2, "validation_samples": 4, "checkpoint_grid": 2, "image_loss_timesteps": 2},
 }
 # SDXL: two text encoders, and buckets with mirrored copies so each image's size conditioning is in play
 SDXL_CONFIG = {**CONFIG, "model": {"path": "builtin:tiny-sdxl"},
@@ -35,6 +38,15 @@ def new_workdir(tmp_path_factory, name: str, config: dict = CONFIG) -> Path:
     return workdir
 
 
+def untrained_copy(tmp_path_factory, name: str, finished: Path) -> Path:
+    """A finished workflow's folder with everything of training removed: the stages before it stay done, as in a
+    workflow that was stopped while training, so each test spends its time on the stop and the resume."""
+    workdir = tmp_path_factory.mktemp(name)
+    shutil.copytree(finished, workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("train", "train_demotok.log"))
+    assert not (workdir / "out/train").exists() and not (workdir / "out/cache/train").exists()
+    return workdir
+
+
 def run_to_the_end(workdir: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(snakemake_command(workdir), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,24 +54,29 @@ def run_to_the_end(workdir: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> torch.Tensor:
+def finished(tmp_path_factory) -> Path:
     workdir = new_workdir(tmp_path_factory, "uninterrupted")
     run_to_the_end(workdir)
-    return load_file(str(workdir / TARGET))["emb_params"]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finished) -> torch.Tensor:
+    return load_file(str(finished / TARGET))["emb_params"]
 
 
 def stop_the_job_group(workdir: Path, stop: signal.Signals, kill_reader_first: bool = False) -> str:
-    """Run the workflow as `snakemake ... | cat` in a process group of its own, and once train has saved step 100,
+    """Run the workflow as `snakemake ... | cat` in a process group of its own, and once train has saved step 50,
     send `stop` to the whole group, as Ctrl-C, scancel, pre-emption or a hard kill do. Returns what the terminal
     (cat's output) was shown."""
     shown = workdir / "terminal.txt"
     pipeline = " ".join(f"'{part}'" for part in snakemake_command(workdir)) + f" 2>&1 | cat > '{shown}'"
     group = subprocess.Popen(["bash", "-c", pipeline], start_new_session=True)
-    periodic = workdir / "out/train/demotok/steps/demotok-100.safetensors"
-    state = workdir / "out/cache/train/demotok"  # the step-100 save ends with the full state (written atomically)
+    periodic = workdir / "out/train/demotok/steps/demotok-50.safetensors"
+    state = workdir / "out/cache/train/demotok"  # the step-50 save ends with the full state (written atomically)
     deadline = time.monotonic() + 300
     while not (periodic.exists() and any(state.glob("*/state.pt"))):
-        assert group.poll() is None and time.monotonic() < deadline, f"train never saved step 100: {shown.read_text()[-3000:]}"
+        assert group.poll() is None and time.monotonic() < deadline, f"train never saved step 50: {shown.read_text()[-3000:]}"
         time.sleep(0.02)
     if kill_reader_first:  # the process reading the trainer's output dies before the trainer hears anything
         subprocess.run(["pkill", "-KILL", "-g", str(group.pid), "-x", "cat"], check=True)
@@ -104,24 +121,25 @@ def saved_steps(workdir: Path, folder: str = "steps") -> list[int]:
 
 @pytest.mark.parametrize("stop, kill_reader_first", [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, False)],
                          ids=["group-sigterm", "reader-killed-first", "ctrl-c"])
-def test_a_stop_signal_to_the_job_group_saves_and_the_rerun_resumes_exactly(tmp_path_factory, uninterrupted, stop, kill_reader_first):
-    workdir = new_workdir(tmp_path_factory, "interrupted")
+def test_a_stop_signal_to_the_job_group_saves_and_the_rerun_resumes_exactly(tmp_path_factory, finished, uninterrupted, stop,
+                                                                           kill_reader_first):
+    workdir = untrained_copy(tmp_path_factory, "interrupted", finished)
     terminal = stop_the_job_group(workdir, stop, kill_reader_first)
-    assert saved_steps(workdir) == [100]
+    assert saved_steps(workdir) == [50]
     stopped = saved_steps(workdir, "interrupted")
-    assert len(stopped) == 1 and 100 < stopped[0] < 200, stopped  # the stop saved, past the periodic save
+    assert len(stopped) == 1 and 50 < stopped[0] < 100, stopped  # the stop saved, past the periodic save
     stopped_at = stopped[0]
     message = f"stopped by {stop.name} after step {stopped_at}"
     log = (workdir / "out/logs/train_demotok.log").read_text()
     assert message in log and "\r" not in log  # the log holds readable lines, not progress-bar frames
-    assert "train demotok: step 30/300, loss " in log  # and the progress, a line every 10%
+    assert "train demotok: step 15/150, loss " in log  # and the progress, a line every 10%
     if not kill_reader_first:
         assert message in terminal  # the trainer's own words reach the terminal, not only Snakemake's exit status
     assert not (workdir / TARGET).exists()
     # loss.csv is a declared output, so Snakemake deletes it with the failed job; its rows live on in the saved state
 
     run_to_the_end(workdir)  # the README's command, no flags: resumes
-    assert f"resuming demotok from step {stopped_at} of 300" in (workdir / "out/logs/train_demotok.log").read_text()
+    assert f"resuming demotok from step {stopped_at} of 150" in (workdir / "out/logs/train_demotok.log").read_text()
     assert torch.equal(load_file(str(workdir / TARGET))["emb_params"], uninterrupted)  # bit-identical to never stopping
 
 
@@ -131,26 +149,26 @@ def test_sdxl_stops_on_sigterm_to_the_job_group_and_resumes_exactly(tmp_path_fac
     expected = load_file(str(straight / TARGET))
     assert sorted(expected) == ["clip_g", "clip_l"]
 
-    workdir = new_workdir(tmp_path_factory, "sdxl-interrupted", SDXL_CONFIG)
+    workdir = untrained_copy(tmp_path_factory, "sdxl-interrupted", straight)
     stop_the_job_group(workdir, signal.SIGTERM)
     stopped = saved_steps(workdir, "interrupted")
-    assert len(stopped) == 1 and 100 < stopped[0] < 200, stopped
+    assert len(stopped) == 1 and 50 < stopped[0] < 100, stopped
     assert f"stopped by SIGTERM after step {stopped[0]}" in (workdir / "out/logs/train_demotok.log").read_text()
     run_to_the_end(workdir)
-    assert f"resuming demotok from step {stopped[0]} of 300" in (workdir / "out/logs/train_demotok.log").read_text()
+    assert f"resuming demotok from step {stopped[0]} of 150" in (workdir / "out/logs/train_demotok.log").read_text()
     resumed = load_file(str(workdir / TARGET))
     for key in ("clip_l", "clip_g"):
         assert torch.equal(resumed[key], expected[key]), key  # both encoders' vectors bit-identical to never stopping
 
 
-def test_a_hard_stop_leaves_a_lock_that_the_next_run_removes(tmp_path_factory, uninterrupted):
+def test_a_hard_stop_leaves_a_lock_that_the_next_run_removes(tmp_path_factory, finished, uninterrupted):
     """SIGKILL (or a closed terminal's SIGHUP to snakemake) leaves Snakemake's lock; the plain command recovers and resumes."""
-    workdir = new_workdir(tmp_path_factory, "killed")
+    workdir = untrained_copy(tmp_path_factory, "killed", finished)
     stop_the_job_group(workdir, signal.SIGKILL)
     assert list((workdir / ".snakemake" / "locks").glob("*.lock")), "a hard stop leaves the lock behind"
     rerun = run_to_the_end(workdir)
     assert "removed" in rerun.stderr and "left by a snakemake that was stopped hard" in rerun.stderr
-    assert "resuming demotok from step 100 of 300" in (workdir / "out/logs/train_demotok.log").read_text()
+    assert "resuming demotok from step 50 of 150" in (workdir / "out/logs/train_demotok.log").read_text()
     assert torch.equal(load_file(str(workdir / TARGET))["emb_params"], uninterrupted)
 
 

@@ -17,6 +17,7 @@ class StageDirs:
         self.caption, self.tagger_store = root / "caption", root / "cache" / "tagger"
         self.latents, self.latent_store = root / "latents", root / "cache" / "latents"
         self.evaluate_root, self.logs = root / "evaluate", root / "logs"
+        self.preflight, self.preflight_cache = root / "preflight", root / "cache" / "preflight"
 
     def train(self, run: str) -> Path:
         return self.out_dir / "train" / run

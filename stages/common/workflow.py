@@ -15,6 +15,7 @@ STAGE_SECTIONS = {
     "caption": ("out_dir", "caption"),
     "cache_latents": ("out_dir", "model", "cache_latents", "preprocess"),
     "train": ("out_dir", "model", "train", "runs", "preprocess"),
+    "preflight": ("out_dir", "model", "train", "runs", "preprocess", "cache_latents"),
     "evaluate": ("out_dir", "model", "evaluate", "runs", "preprocess"),
     "overview": ("out_dir", "runs", "sweeps"),
 }
@@ -97,6 +98,10 @@ def stage_settings(config: dict, stage: str, run: str | None = None) -> str:
         if stage == "evaluate":  # only what evaluate uses (prompts, held-out images, starting vectors)
             merged = {k: v for k, v in merged.items() if k in EVALUATE_RUN_KEYS}
         given["runs"], given["train"] = {run: merged}, {}
+    if stage == "preflight":  # one run's part (or, without a run, every run's), merged, and where its latents' sizes come from
+        given["preprocess"] = {"flip": config["preprocess"]["flip"]}
+        given["runs"] = {name: {k: v for k, v in run_settings(config, name).items() if k != "name"} for name in ([run] if run else config["runs"])}
+        given["train"] = {}
     return to_json({section: given[section] for section in STAGE_SECTIONS[stage] if section in given})
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from stages.common.files import write_text_atomic
-from stages.evaluate.charts import step_chart
-from stages.evaluate.html import STYLE, format_number
+from stages.common.charts import step_chart
+from stages.common.pages import STYLE, format_number
 from stages.common.errors import MissingInput
 
 
@@ -19,6 +19,7 @@ def plot_runs(evaluate_dir: Path, runs: list[str], target: Path) -> None:
         for run in runs:
             table = pd.read_csv(evaluate_dir / run / "val_loss.csv")
             axis.plot(table.step, table.val_loss, "o-", label=run)
+        axis.ticklabel_format(axis="y", useOffset=False)  # runs that differ in the 6th digit: show the numbers, not "1e-8+1.13"
 
 
 def _metrics(evaluate_dir: Path, run: str) -> dict:
@@ -60,6 +61,24 @@ def sweep_section(evaluate_dir: Path, sweep: str, points: dict[str, dict]) -> st
 <div class="sweep">{cards}</div>"""
 
 
+def _image_flag(name: str, metrics: dict) -> str:
+    """The run's outlier images (evaluate's per-image loss), linked to its ranking."""
+    outliers = metrics.get("image_outliers")
+    if outliers is None:
+        return "–"
+    if not outliers:
+        return "none"
+    return f'<a href="{name}/index.html#images">{escape(", ".join(outliers[:3]))}{" …" if len(outliers) > 3 else ""}</a>'
+
+
+def _preflight_link(evaluate_dir: Path) -> str:
+    """A link to the pre-flight report ({out_dir}/preflight, beside evaluate/) when the workflow wrote one."""
+    if not (evaluate_dir / ".." / "preflight" / "index.html").is_file():
+        return ""
+    return ('<p><a href="../preflight/index.html">Pre-flight report</a>: the images, buckets and token budgets every run '
+            "trained on, the measured time per step and memory, and settings known to fail.</p>")
+
+
 def write_overview(evaluate_dir: Path, runs: list[str], sweeps: dict[str, dict[str, dict]] | None = None) -> Path:
     """Write evaluate_dir/index.html and val_loss.png comparing `runs`; each needs evaluate_dir/<run>/metrics.json.
 
@@ -70,13 +89,16 @@ def write_overview(evaluate_dir: Path, runs: list[str], sweeps: dict[str, dict[s
         metrics = _metrics(evaluate_dir, run)
         name = escape(run)
         change = metrics.get("val_loss_best_vs_start")
-        flag = "" if metrics.get("beats_start", True) else ' <span class="warn">never beats the start</span>'
+        flag = "" if metrics.get("beats_start", True) else '<br><span class="warn">never beats the start</span>'
         rows.append(
             f'<tr><td class="left"><a href="{name}/index.html">{name}</a>{flag}</td><td class="left">{escape(metrics["token"])}</td>'
             f'<td>{metrics["final_step"]}</td><td>{metrics["best_step"]}</td><td>{format_number(metrics["val_loss_start"])}</td>'
             f'<td>{format_number(metrics["val_loss_best"])}</td><td>{f"{change * 100:+.1f}%" if change is not None else "–"}</td>'
             f'<td class="left">{escape(metrics["validation_set"])} ({metrics["validation_images"]})</td>'
-            f'<td class="left"><a href="{name}/best/{name}.safetensors">best/{name}.safetensors</a></td></tr>'
+            f'<td class="left"><a href="{name}/best/{name}.safetensors">best/{name}.safetensors</a></td>'
+            f'<td class="left">{_image_flag(name, metrics)}</td>'
+            f'<td class="left"><a href="{name}/index.html#baseline">with/without</a> · <a href="{name}/index.html#images">images</a> · '
+            f'<a href="{name}/index.html#similarity">likeness</a></td></tr>'
         )
         cards.append(f'<figure><a href="{name}/index.html"><img src="{name}/grid.png" alt="{name} samples"></a>'
                      f"<figcaption>{name}: the final embedding</figcaption></figure>")
@@ -88,8 +110,9 @@ figure {{ display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }} fi
 <body>
 <h1>tiflow runs</h1>
 <p class="sub">Each run's validation loss is measured on its own fixed noise; compare runs that share images and validation settings.</p>
+{_preflight_link(evaluate_dir)}
 <table><tr><th class="left">run</th><th class="left">trigger</th><th>steps</th><th>best step</th><th>val loss, start</th>
-<th>val loss, best</th><th>change</th><th class="left">validation images</th><th class="left">best file</th></tr>
+<th>val loss, best</th><th>change</th><th class="left">validation images</th><th class="left">best file</th><th class="left">images that stand out</th><th class="left">sections</th></tr>
 {chr(10).join(rows)}
 </table>
 <figure><img src="val_loss.png" alt="validation loss of every run"><figcaption>Validation loss per checkpoint,

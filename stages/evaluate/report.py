@@ -26,7 +26,7 @@ from stages.common.layout import latest_snapshot
 from stages.common.files import atomic_path, write_csv_atomic, write_text_atomic
 from stages.common.models import ModelBundle
 from stages.common.sampling import build_pipeline, sample_image
-from stages.evaluate.charts import step_chart
+from stages.common.charts import step_chart
 from stages.common.tokens import without_trigger
 from stages.evaluate.grid import compose_grid, grid_steps, render_samples, seed_labels, spread_steps
 from stages.evaluate.html import write_report

@@ -8,6 +8,7 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stages.common.config import run_settings
+from stages.common.errors import InputError
 from stages.common.families import clip_skip_warning, resolution_warning
 from stages.common.paths import BUILTIN_PREFIX
 from stages.common.layout import StageDirs, frame_size
@@ -21,11 +22,54 @@ def build_parser() -> argparse.ArgumentParser:
                           ("--latents", "--captions"), {
                               "--out": "output folder (default: {out_dir}/train/{run})",
                               "--state-dir": "resume store for this run (default: {out_dir}/cache/train/{run})"})
-    parser.add_argument("--run", required=True, help="the run (embedding name) in runs: to train")
+    parser.add_argument("--run", help="the run (embedding name) in runs: to train")
+    parser.add_argument("--preflight", action="store_true",
+                        help="instead: the pre-flight report ({out_dir}/preflight): with --run, that run's part (a few real steps "
+                             "timed, its token budget and warnings); without, the page from every run's part")
     return parser
 
 
+def preflight(config: dict, run: str | None) -> int:
+    """The pre-flight report. With a run: its part ({out_dir}/preflight/runs/{run}.json: measured time and memory per
+    step, token budget, buckets, warnings), which its training waits for. Without: the page, from every run's part."""
+    import json
+
+    from stages.common.files import write_text_atomic
+    from stages.common.models import load_model
+    from stages.train.preflight_page import write_preflight_page
+    from stages.train.preflight_report import assemble_preflight, run_preflight
+    from stages.train.step_timing import measure_steps
+
+    dirs, model = StageDirs(config["out_dir"]), config["model"]
+    log = logging.getLogger("stages.train")
+
+    def part(name: str) -> dict:
+        target = dirs.preflight / "runs" / f"{name}.json"
+        if run is None and target.is_file():
+            return json.loads(target.read_text(encoding="utf-8"))
+        facts = run_preflight(config, name, lambda: load_model(model["path"], model["family"]), measure_steps, dirs.preflight_cache)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, json.dumps(facts, indent=2) + "\n")
+        timing = facts["timing"]
+        print(f"pre-flight: {name}: {timing['seconds_per_step']:.3f} s/step on {timing['device']}, peak memory "
+              f"{timing['peak_memory_bytes'] / 2**30:.2f} GiB; {facts['steps']} steps ≈ {facts['estimated_training_seconds']:.0f} s")
+        for warning in facts["warnings"]:
+            log.warning(warning)
+        return facts
+
+    if run is not None:
+        part(run)
+        return 0
+    page = write_preflight_page(dirs.preflight, assemble_preflight(config, {name: part(name) for name in config["runs"]}))
+    print(f"pre-flight: report in {page}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if not args.preflight and not args.run:
+        raise InputError("give --run RUN (the run to train), or --preflight")
+    if args.preflight:
+        return preflight(read_settings(args, STAGE_SECTIONS["preflight"]), args.run)
     config = read_settings(args, STAGE_SECTIONS["train"])
     settings, model_section, dirs = run_settings(config, args.run), config["model"], StageDirs(config["out_dir"])
     paths = {"latents": args.latents or dirs.latents, "captions": args.captions or dirs.caption,

@@ -1,4 +1,4 @@
-"""Line charts over training steps, written as PNG files (matplotlib, no display)."""
+"""Charts written as PNG files (matplotlib, no display): lines over training steps, and plain ones."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -16,12 +16,19 @@ from stages.common.files import atomic_path
 @contextmanager
 def step_chart(target: Path, ylabel: str) -> Iterator[plt.Axes]:
     """Axes to draw lines on (x: step); on exit, a legend is added and the chart saved atomically to `target`."""
-    figure, axis = plt.subplots(figsize=(7, 3.5), dpi=100)
+    with chart(target, "step", ylabel) as axis:
+        yield axis
+        axis.legend()
+
+
+@contextmanager
+def chart(target: Path, xlabel: str, ylabel: str, size: tuple[float, float] = (7, 3.5)) -> Iterator[plt.Axes]:
+    """Axes to draw on; on exit, the labels are set and the chart saved atomically to `target`."""
+    figure, axis = plt.subplots(figsize=size, dpi=100)
     try:
         yield axis
-        axis.set_xlabel("step")
+        axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
-        axis.legend()
         figure.tight_layout()
         with atomic_path(target) as temp:
             figure.savefig(temp, format="png")
