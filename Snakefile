@@ -9,7 +9,7 @@ from stages.common.config import ConfigError, check_yaml_syntax, own_runs, sweep
 from stages.common.preflight import check_before_work
 from stages.common.snakelock import defer_sigterm_handler, remove_stale_lock
 from stages.common.layout import StageDirs
-from stages.common.workflow import dataset_inputs, model_inputs, stage_settings, tagger_inputs, to_json, train_inputs
+from stages.common.workflow import caption_inputs, dataset_inputs, model_inputs, stage_settings, to_json, train_inputs
 
 try:
     check_yaml_syntax("config.yaml")  # Snakemake's own message for a YAML error names no line
@@ -82,7 +82,7 @@ rule preprocess:
 rule caption:
     input:
         manifest=rules.preprocess.output.manifest,
-        tagger=tagger_inputs(config["caption"]),  # replacing the model or its tags file re-captions
+        models=caption_inputs(config["caption"]),  # replacing a tagger, DeepDanbooru or BLIP file re-captions
     output:
         f"{DIRS.caption}/captions.csv",
     params:
@@ -90,7 +90,7 @@ rule caption:
         settings=stage_settings(config, "caption"),
     log:
         DIRS.log("caption"),
-    threads: CORES if tagger_inputs(config["caption"]) else 1
+    threads: CORES if caption_inputs(config["caption"]) else 1
     conda:
         ENV
     shell:

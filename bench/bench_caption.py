@@ -1,21 +1,29 @@
-"""Benchmark: images per second of the caption stage's tagger path on CPU threads (default 2).
+"""Benchmark: images per second of the caption stage's model methods on CPU threads (default 2): tagger, deepbooru, blip.
 
-python bench/bench_caption.py [--images 8] [--threads 2]
+python bench/bench_caption.py [--images 8] [--threads 2] [--methods tagger,deepbooru,blip]
 
-The model is built here, with no download: a ConvNeXt-B-shaped network (depths 3-3-27-3,
-widths 128-256-512-1024, 7x7 depthwise + 4x pointwise blocks, GELU; no layer norms) with
-random weights, taking a [batch, 448, 448, 3] NHWC float image and giving 10,861 sigmoid
-scores like SmilingWolf's wd-v1-4-convnext-tagger-v2, whose backbone it copies (~60 GMACs
-and ~88M parameters per image; the figures are printed). The images are 512x512 PNGs
-through the real preprocess stage, so every figure includes reading, padding, resizing and
-the score cache.
+Every model is built here with random weights at its real size; nothing is downloaded. The
+images are 512x512 PNGs through the real preprocess stage, so every stage figure includes
+reading, resizing and the caches.
 
-Printed figures:
-  stage, cold         write_captions with nothing cached: hashing, model load, preprocessing, inference, tags.csv
-  model, batch N      steady-state inference alone, on images already prepared
-  image preparation   reading + pad + resize + BGR, per image
-  stage, cached       a changed threshold: captions rebuilt from cached scores, model not loaded
-                      (its fixed part, hashing the model file, is printed on the next line)
+tagger: a ConvNeXt-B-shaped network (depths 3-3-27-3, widths 128-256-512-1024, 7x7 depthwise
++ 4x pointwise blocks, GELU; no layer norms) taking a [batch, 448, 448, 3] NHWC float image and
+giving 10,861 sigmoid scores like SmilingWolf's wd-v1-4-convnext-tagger-v2, whose backbone it
+copies (~60 GMACs and ~88M parameters per image; the figures are printed).
+
+deepbooru: AUTOMATIC1111's DeepDanbooruModel at full size (n_Conv_0 ... n_Conv_178, 9,176 tags),
+saved as model-resnet_custom_v3.pt is, on 512x512 resize-and-fill inputs.
+
+blip: BlipForConditionalGeneration with BlipConfig's defaults (the shape of
+Salesforce/blip-image-captioning-base: ViT-B/16 at 384 px and a 12-layer BERT-base decoder),
+with a 30,524-token BERT vocabulary written here. Random weights never end a sentence early, so
+each caption runs to its length limit: the stage figure uses the default limit (75 tokens), and
+the model figures force 20 and 75 tokens (a real caption is about 10 to 20).
+
+Printed figures, per method:
+  stage, cold         write_captions with nothing cached: hashing, model load, preprocessing, inference, outputs
+  model, ...          steady-state inference alone, on images already read
+  stage, cached       a changed setting: captions rebuilt from cached scores or sentences, model not loaded
 """
 from __future__ import annotations
 
@@ -140,44 +148,146 @@ def timed(function):
     return result, time.perf_counter() - start
 
 
+def bench_tagger(root: Path, preprocess: Path, args: argparse.Namespace) -> None:
+    model_path = root / "model.onnx"
+    macs, params = build_convnext_tagger(model_path)
+    write_tags(root / "selected_tags.csv")
+    print(f"tagger model: ConvNeXt-B-shaped tagger, {SIDE}x{SIDE} NHWC -> {TAG_COUNT} scores, {macs / 1e9:.1f} GMACs/image, "
+          f"{params / 1e6:.1f}M parameters ({model_path.stat().st_size / 2**20:.0f} MiB); onnxruntime {ort.__version__} CPU")
+
+    def settings(threshold: float, batch: int = 4) -> CaptionSettings:
+        return CaptionSettings.from_section({"method": "tagger", "tagger": {"model": str(model_path), "general_threshold": threshold,
+                                                                             "threads": args.threads, "batch_size": batch}})
+
+    out, store = root / "out" / "caption", root / "out" / "cache" / "tagger"
+    cold, seconds = timed(lambda: write_captions(preprocess, out, settings(0.35), store))
+    assert cold.tagged == args.images
+    print(f"tagger stage, cold (batch 4):   {args.images / seconds:6.2f} images/s  ({seconds:.1f} s for {args.images}, model load included)")
+
+    model = open_tagger(model_path, args.threads)
+    images = sorted(preprocess.glob("*.png"))
+    prepared, prep_seconds = timed(lambda: np.stack([load_tagger_input(p, model.side) for p in images]))
+    for batch in (1, 4):
+        run_tagger(model, prepared[:batch])  # warm-up: first-run allocations
+        _, seconds = timed(lambda: [run_tagger(model, prepared[i : i + batch]) for i in range(0, len(prepared), batch)])
+        print(f"tagger model, batch {batch}:          {len(prepared) / seconds:6.2f} images/s  ({seconds / len(prepared) * 1000:.0f} ms/image)")
+    print(f"tagger image preparation:       {len(images) / prep_seconds:6.1f} images/s  ({prep_seconds / len(images) * 1000:.1f} ms/image)")
+
+    cached, seconds = timed(lambda: write_captions(preprocess, out, settings(0.5), store))
+    assert cached.tagged == 0 and cached.tags_reused == args.images
+    print(f"tagger stage, cached (threshold changed): {args.images / seconds:6.1f} images/s  ({seconds:.2f} s, model not run)")
+    _, hash_seconds = timed(lambda: hash_file(model_path))
+    print(f"  of which fixed: model file hash {hash_seconds:.2f} s (once per stage run, keys the score cache)")
+
+
+def bench_deepbooru(root: Path, preprocess: Path, args: argparse.Namespace) -> None:
+    import torch
+
+    from stages.caption.deepbooru_model import DeepDanbooruModel, load_deepbooru, load_deepbooru_input, run_deepbooru
+
+    torch.manual_seed(0)
+    path = root / "model-resnet_custom_v3.pt"
+    state = DeepDanbooruModel().state_dict()
+    state["tags"] = [f"tag_{i}" for i in range(9172)] + ["rating:safe", "rating:questionable", "rating:explicit", "rating:general"]
+    torch.save(state, path)
+    params = sum(t.numel() for name, t in state.items() if name != "tags")
+    del state
+    print(f"deepbooru model: DeepDanbooruModel, 512x512 NHWC -> 9176 scores, {params / 1e6:.1f}M parameters "
+          f"({path.stat().st_size / 2**20:.0f} MiB); torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    def settings(threshold: float) -> CaptionSettings:
+        return CaptionSettings.from_section({"method": "deepbooru", "deepbooru": {"model": str(path), "threshold": threshold}})
+
+    out, store = root / "out" / "caption", root / "out" / "cache" / "tagger"
+    cold, seconds = timed(lambda: write_captions(preprocess, out, settings(0.5), store, args.threads))
+    assert cold.runs["deepbooru"].computed == args.images
+    print(f"deepbooru stage, cold (batch 1):  {args.images / seconds:6.2f} images/s  ({seconds:.1f} s for {args.images}, "
+          f"model load included; {cold.runs['deepbooru'].images_per_second:.2f} images/s as the stage reports it)")
+    model = load_deepbooru(path, torch.device("cpu"))
+    images = sorted(preprocess.glob("*.png"))
+    prepared, prep_seconds = timed(lambda: np.stack([load_deepbooru_input(p) for p in images]))
+    for batch in (1, 2):
+        run_deepbooru(model, prepared[:batch])  # warm-up
+        _, seconds = timed(lambda: [run_deepbooru(model, prepared[i : i + batch]) for i in range(0, len(prepared), batch)])
+        print(f"deepbooru model, batch {batch}:        {len(prepared) / seconds:6.2f} images/s  ({seconds / len(prepared) * 1000:.0f} ms/image)")
+    print(f"deepbooru image preparation:     {len(images) / prep_seconds:6.1f} images/s  ({prep_seconds / len(images) * 1000:.1f} ms/image)")
+    model = None  # frees its memory before the cached run
+    cached, seconds = timed(lambda: write_captions(preprocess, out, settings(0.75), store, args.threads))
+    assert cached.runs["deepbooru"].computed == 0
+    print(f"deepbooru stage, cached (threshold changed): {args.images / seconds:6.1f} images/s  ({seconds:.2f} s, model not loaded)")
+
+
+def write_blip_base(folder: Path) -> int:
+    """A random-weight BLIP with BlipConfig's defaults (blip-image-captioning-base's shape) and a 30,524-token vocabulary."""
+    import json
+
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
+
+    folder.mkdir(parents=True)
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += [f"w{i}" for i in range(30522 - len(vocab))] + ["[DEC]", "[ENC]"]  # BERT's ids, then BLIP's two added tokens
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizer.from_pretrained(folder, bos_token="[DEC]", local_files_only=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig())
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "BlipImageProcessor", "processor_class": "BlipProcessor", "do_resize": True,
+        "size": {"height": 384, "width": 384}, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_convert_rgb": True, "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    return sum(t.numel() for t in model.parameters())
+
+
+def bench_blip(root: Path, preprocess: Path, args: argparse.Namespace) -> None:
+    import torch
+
+    from stages.caption.blip import BlipCaptioner
+    from stages.caption.settings import BlipSettings
+
+    folder = root / "blip-base"
+    params = write_blip_base(folder)
+    print(f"blip model: BlipForConditionalGeneration, BlipConfig() defaults (384 px, ViT-B/16 + BERT-base decoder), {params / 1e6:.1f}M "
+          f"parameters; torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    def settings(**blip) -> CaptionSettings:
+        return CaptionSettings.from_section({"method": "blip", "blip": {"model": str(folder), **blip}})
+
+    out, store = root / "out" / "caption", root / "out" / "cache" / "tagger"
+    cold, seconds = timed(lambda: write_captions(preprocess, out, settings(), store, args.threads))
+    assert cold.runs["blip"].computed == args.images
+    print(f"blip stage, cold (defaults: greedy, 5-75 tokens, batch 1): {args.images / seconds:6.2f} images/s  ({seconds:.1f} s for "
+          f"{args.images}, model load included; random weights run every caption to 75 tokens)")
+    images = sorted(preprocess.glob("*.png"))
+    for tokens, beams, batch in ((20, 1, 1), (20, 1, 4), (20, 3, 1), (75, 1, 1)):
+        captioner = BlipCaptioner(folder, BlipSettings(folder, beams, tokens, tokens, batch, "cpu"), torch.device("cpu"))
+        captioner.caption(images[:1])  # warm-up
+        _, seconds = timed(lambda: [captioner.caption(images[i : i + batch]) for i in range(0, len(images), batch)])
+        print(f"blip model, {tokens} tokens, {beams} beam(s), batch {batch}: {len(images) / seconds:6.2f} images/s  "
+              f"({seconds / len(images) * 1000:.0f} ms/image, reading and resizing included)")
+    cached, seconds = timed(lambda: write_captions(preprocess, out, settings(), store, args.threads))
+    assert cached.runs["blip"].computed == 0
+    print(f"blip stage, cached (rerun after another edit): {args.images / seconds:6.1f} images/s  ({seconds:.2f} s, model not loaded)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default="tagger,deepbooru,blip", help="comma-separated: tagger, deepbooru, blip")
     args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     with tempfile.TemporaryDirectory() as temp:
         root = Path(temp)
-        model_path = root / "model.onnx"
-        macs, params = build_convnext_tagger(model_path)
-        write_tags(root / "selected_tags.csv")
         preprocess = make_images(root / "data", args.images)
-        print(f"machine: {cpu_name()}, {os.cpu_count()} cores visible, onnxruntime {ort.__version__} CPU, {args.threads} threads")
-        print(f"model: ConvNeXt-B-shaped tagger, {SIDE}x{SIDE} NHWC -> {TAG_COUNT} scores, {macs / 1e9:.1f} GMACs/image, "
-              f"{params / 1e6:.1f}M parameters ({model_path.stat().st_size / 2**20:.0f} MiB)")
+        print(f"machine: {cpu_name()}, {os.cpu_count()} cores visible, {args.threads} threads, {args.images} images")
+        for method in methods:
+            if method in ("deepbooru", "blip"):
+                import torch
 
-        def settings(threshold: float, batch: int = 4) -> CaptionSettings:
-            return CaptionSettings.from_section({"method": "tagger", "tagger": {"model": str(model_path), "general_threshold": threshold,
-                                                                                 "threads": args.threads, "batch_size": batch}})
-
-        out, store = root / "out" / "caption", root / "out" / "cache" / "tagger"
-        cold, seconds = timed(lambda: write_captions(preprocess, out, settings(0.35), store))
-        assert cold.tagged == args.images
-        print(f"stage, cold (batch 4):   {args.images / seconds:6.2f} images/s  ({seconds:.1f} s for {args.images}, model load included)")
-
-        model = open_tagger(model_path, args.threads)
-        images = sorted(preprocess.glob("*.png"))
-        prepared, prep_seconds = timed(lambda: np.stack([load_tagger_input(p, model.side) for p in images]))
-        for batch in (1, 4):
-            run_tagger(model, prepared[:batch])  # warm-up: first-run allocations
-            _, seconds = timed(lambda: [run_tagger(model, prepared[i : i + batch]) for i in range(0, len(prepared), batch)])
-            print(f"model, batch {batch}:          {len(prepared) / seconds:6.2f} images/s  ({seconds / len(prepared) * 1000:.0f} ms/image)")
-        print(f"image preparation:       {len(images) / prep_seconds:6.1f} images/s  ({prep_seconds / len(images) * 1000:.1f} ms/image)")
-
-        cached, seconds = timed(lambda: write_captions(preprocess, out, settings(0.5), store))
-        assert cached.tagged == 0 and cached.tags_reused == args.images
-        print(f"stage, cached (threshold changed): {args.images / seconds:6.1f} images/s  ({seconds:.2f} s, model not run)")
-        _, hash_seconds = timed(lambda: hash_file(model_path))
-        print(f"  of which fixed: model file hash {hash_seconds:.2f} s (once per stage run, keys the score cache)")
+                torch.set_num_threads(args.threads)
+            (root / method).mkdir()
+            {"tagger": bench_tagger, "deepbooru": bench_deepbooru, "blip": bench_blip}[method](root / method, preprocess, args)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def test_filename_fallback_and_stale_captions(demo_prepared, tmp_path):
 def test_bad_methods_are_refused_naming_the_key(demo_prepared, tmp_path):
     with pytest.raises(ValueError, match="caption.method: 'bogus' is not allowed"):
         write_captions(demo_prepared / "preprocess", tmp_path / "c", "bogus")
-    with pytest.raises(ValueError, match=r"caption.method.1: 'tagr' is not allowed; choose one of: existing, filename, tagger, none"):
+    with pytest.raises(ValueError, match=r"caption.method.1: 'tagr' is not allowed; choose one of: existing, filename, tagger, deepbooru, blip, combine, none"):
         CaptionSettings.from_section({"method": ["existing", "tagr"]})
     with pytest.raises(ValueError, match="caption.existing_action"):
         CaptionSettings.from_section({"existing_action": "merge"})

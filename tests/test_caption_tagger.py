@@ -172,7 +172,7 @@ def test_tags_csv_holds_scores_and_reruns_are_identical(tmp_path, tagger):
     run(tmp_path, tagger_settings(tagger, scores_min=0.0), {"red.png": RED, "blue.png": BLUE})
     out = tmp_path / "out" / "caption"
     tags = pd.read_csv(out / "tags.csv", keep_default_na=False)
-    assert list(tags.columns) == ["image", "tag", "category", "score", "used"]
+    assert list(tags.columns) == ["image", "method", "tag", "category", "score", "used"] and (tags.method == "tagger").all()
     assert len(tags) == 2 * len(TAGS)  # scores_min 0: every tag of every image
     red = tags[tags.image == "red.png"].set_index("tag")
     assert red.score["red_background"] == pytest.approx(1 / (1 + np.exp(-6)), abs=1e-5)

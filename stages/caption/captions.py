@@ -1,19 +1,22 @@
 """Choosing each image's caption and writing caption/{image}.txt, captions.csv and tags.csv.
 
 The methods are tried in order until one gives text (AUTOMATIC1111 and kohya users chain
-them by hand: keep the sidecars, tag what has none, fall back to the file name).
+them by hand: keep the sidecars, tag what has none, fall back to the file name). The combine
+step joins several methods' texts, e.g. the tags and then a BLIP sentence. A model runs only
+for the images the chain reaches it with.
 """
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import pandas as pd
 
-from stages.caption.settings import CaptionSettings, FilenameRule
+from stages.caption.score_cache import MethodRun
+from stages.caption.settings import MODEL_METHODS, CaptionSettings, FilenameRule
 from stages.caption.tag_selection import caption_from_scores
 from stages.caption.tagging import TAGS_COLUMNS, score_images, tag_rows
 from stages.common.files import write_csv_atomic, write_text_atomic
@@ -25,6 +28,7 @@ CAPTION_COLUMNS = ["image", "caption_file", "caption", "source"]
 AUTOMATIC1111_FILENAME = FilenameRule(word_regex="", join=" ")
 _LEADING_NUMBERS = re.compile(r"^[-\d]+\s*")  # AUTOMATIC1111's re_numbers_at_start
 _COMBINE_SEPARATOR = ", "  # between a sidecar and generated text (AUTOMATIC1111 uses a space, which runs tags together)
+_JOIN_SEPARATOR = ", "  # between the texts of the combine step, as AUTOMATIC1111's preprocess joins BLIP and deepbooru
 
 
 @dataclass
@@ -32,14 +36,23 @@ class CaptionRecord:
     image: str  # the preprocessed PNG's name
     caption_file: str
     caption: str
-    source: str  # the method that gave the text: existing, filename, tagger, none, or existing+tagger etc.
+    source: str  # the method(s) that gave the text: existing, filename, tagger, deepbooru, blip, none, tagger+blip, existing+tagger etc.
 
 
 @dataclass
 class CaptionSummary:
     table: pd.DataFrame  # captions.csv
-    tagged: int = 0  # images the tagger model ran on
-    tags_reused: int = 0  # images captioned by the tagger from cached scores
+    runs: dict[str, MethodRun] = field(default_factory=dict)  # per model method: images run, images from the cache, seconds
+
+    @property
+    def tagged(self) -> int:
+        """Images the tagger model ran on."""
+        return self.runs["tagger"].computed if "tagger" in self.runs else 0
+
+    @property
+    def tags_reused(self) -> int:
+        """Images captioned by the tagger from cached scores."""
+        return self.runs["tagger"].reused if "tagger" in self.runs else 0
 
 
 def caption_from_filename(source_name: str, rule: FilenameRule = AUTOMATIC1111_FILENAME) -> str:
@@ -53,16 +66,36 @@ def caption_from_filename(source_name: str, rule: FilenameRule = AUTOMATIC1111_F
     return text.strip()
 
 
-def first_method_with_text(methods: tuple[str, ...], texts: Mapping[str, str]) -> str | None:
-    """The method whose text becomes the caption; None when it depends on a text not computed yet."""
-    for method in methods:
-        if method == "none":
-            return "none"
-        if method not in texts:
-            return None
-        if texts[method]:
-            return method
-    return "none"
+def _step_parts(step: str, combine: tuple[str, ...]) -> tuple[str, ...]:
+    return combine if step == "combine" else (step,)
+
+
+def step_text(step: str, texts: Mapping[str, str], combine: tuple[str, ...] = ()) -> tuple[str, str]:
+    """A chain step's text and source: one method's, or the combine step's texts joined in order (empty ones left out)."""
+    given = [(part, texts[part]) for part in _step_parts(step, combine) if texts[part]]
+    return _JOIN_SEPARATOR.join(text for _, text in given), "+".join(part for part, _ in given)
+
+
+def first_method_with_text(methods: tuple[str, ...], texts: Mapping[str, str], combine: tuple[str, ...] = ()) -> str | None:
+    """The step whose text becomes the caption; None when it depends on a text not computed yet."""
+    return _walk(methods, texts, combine)[0]
+
+
+def methods_to_run(methods: tuple[str, ...], texts: Mapping[str, str], combine: tuple[str, ...] = ()) -> list[str]:
+    """The methods whose texts the chain needs next for this image (none when its caption is decided)."""
+    return _walk(methods, texts, combine)[1]
+
+
+def _walk(methods, texts, combine) -> tuple[str | None, list[str]]:
+    for step in methods:
+        if step == "none":
+            return "none", []
+        missing = [part for part in _step_parts(step, combine) if part not in texts]
+        if missing:
+            return None, missing
+        if step_text(step, texts, combine)[0]:
+            return step, []
+    return "none", []
 
 
 def combine_with_sidecar(method: str, text: str, sidecar: str, action: str) -> tuple[str, str]:
@@ -110,41 +143,53 @@ def write_captions(
     settings: CaptionSettings | str | list[str],
     store: Path | None = None,
     threads: int = 0,
-    progress: Callable[[Iterable], Iterable] = lambda batches: batches,
+    progress: Callable[[list, str], Iterable] = lambda batches, method: batches,
 ) -> CaptionSummary:
     """Write one UTF-8 caption per image of preprocess_dir/manifest.csv, captions.csv and (with a tagger) tags.csv.
 
-    `store` holds the tagger's per-image scores between runs (default: {out_dir}/../cache/tagger).
+    `store` holds the models' per-image results between runs (default: {out_dir}/../cache/tagger).
+    `progress(batches, method)` wraps each model's batches (a progress bar at the command line).
     """
     if not isinstance(settings, CaptionSettings):
         settings = CaptionSettings.from_section(settings)
+    store = store or out_dir.parent / "cache" / "tagger"
     manifest = _read_manifest(preprocess_dir)
+    names = list(manifest.output)
     sidecars = [_read_sidecar(preprocess_dir, name) for name in manifest.caption]
-    texts = []
+    texts: dict[str, dict[str, str]] = {}
     for record, sidecar in zip(manifest.itertuples(), sidecars):
-        known = {"existing": sidecar}
-        if "filename" in settings.methods:
-            known["filename"] = caption_from_filename(Path(record.source).name, settings.filename)
-        texts.append(known)
+        texts[record.output] = {"existing": sidecar}
+        if settings.uses("filename"):
+            texts[record.output]["filename"] = caption_from_filename(Path(record.source).name, settings.filename)
 
-    # the tagger runs only for images the chain reaches it with, in batches
-    needs_tagger = {record.output: preprocess_dir / record.output
-                    for record, known in zip(manifest.itertuples(), texts) if first_method_with_text(settings.methods, known) is None}
+    # each pass runs the models the chains need next, each on the images that need it, until every caption is decided
     summary = CaptionSummary(table=pd.DataFrame(columns=CAPTION_COLUMNS))
-    tag_tables = []
-    if needs_tagger:
-        scored = score_images(needs_tagger, settings.tagger, store or out_dir.parent / "cache" / "tagger", threads, progress)
-        summary.tagged, summary.tags_reused = scored.computed, scored.reused
-        for (record, known) in zip(manifest.itertuples(), texts):
-            if record.output in scored.scores:
-                known["tagger"], choice = caption_from_scores(scored.scores[record.output], scored.table, settings.tagger)
-                tag_tables.append(tag_rows(record.output, scored.scores[record.output], scored.table, choice, settings.tagger.scores_min))
+    tag_tables: dict[tuple[str, str], pd.DataFrame] = {}  # (image, method) → its tags.csv rows
+    while True:
+        needed: dict[str, dict[str, Path]] = {}
+        for name in names:
+            for method in methods_to_run(settings.methods, texts[name], settings.combine):
+                needed.setdefault(method, {})[name] = preprocess_dir / name
+        if not needed:
+            break
+        if needed.keys() - set(MODEL_METHODS):  # every other method's text is known before the first pass
+            raise InputError(f"caption.method: {sorted(needed.keys() - set(MODEL_METHODS))} gave no text to the chain")
+        if threads and needed.keys() & {"deepbooru", "blip"}:
+            import torch
+
+            torch.set_num_threads(threads)
+        for method in MODEL_METHODS:
+            if method in needed:
+                run = _run_method(method, needed[method], settings, store, threads, progress, texts, tag_tables)
+                _add_run(summary.runs, run)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    for record, sidecar, known in zip(manifest.itertuples(), sidecars, texts):
-        method = first_method_with_text(settings.methods, known) or "none"
-        text, source = combine_with_sidecar(method, known.get(method, ""), sidecar, settings.existing_action)
+    for record, sidecar in zip(manifest.itertuples(), sidecars):
+        known = texts[record.output]
+        step = first_method_with_text(settings.methods, known, settings.combine) or "none"
+        text, method = step_text(step, known, settings.combine) if step != "none" else ("", "none")
+        text, source = combine_with_sidecar(method, text, sidecar, settings.existing_action)
         if source == "none":
             log.info("%s: no method in %s gave a caption; its caption is empty", record.source, list(settings.methods))
         caption_file = Path(record.output).with_suffix(".txt").name
@@ -155,11 +200,50 @@ def write_captions(
     for stale in out_dir.glob("*.txt"):  # captions of images that are gone would otherwise linger
         if stale.name not in keep:
             stale.unlink()
-    if settings.uses_tagger:
-        tags = pd.concat(tag_tables, ignore_index=True) if tag_tables else pd.DataFrame(columns=TAGS_COLUMNS)
+    if settings.uses("tagger") or settings.uses("deepbooru"):
+        order = [(name, method) for name in names for method in ("tagger", "deepbooru") if (name, method) in tag_tables]
+        tags = pd.concat([tag_tables[key] for key in order], ignore_index=True) if order else pd.DataFrame(columns=TAGS_COLUMNS)
         write_csv_atomic(out_dir / "tags.csv", tags)
     else:
         (out_dir / "tags.csv").unlink(missing_ok=True)  # scores of an earlier tagger run no longer describe these captions
     summary.table = pd.DataFrame([asdict(r) for r in records], columns=CAPTION_COLUMNS)
     write_csv_atomic(out_dir / "captions.csv", summary.table)
     return summary
+
+
+def _run_method(method: str, images: dict[str, Path], settings: CaptionSettings, store: Path, threads: int,
+                progress: Callable[[list, str], Iterable], texts: dict[str, dict[str, str]],
+                tag_tables: dict[tuple[str, str], pd.DataFrame]) -> MethodRun:
+    """Run one model method on `images`; put each image's text in `texts` and its scores' rows in `tag_tables`."""
+    if method == "tagger":
+        scored = score_images(images, settings.tagger, store, threads, lambda batches: progress(batches, "tagger"))
+        for name in images:
+            texts[name]["tagger"], choice = caption_from_scores(scored.scores[name], scored.table, settings.tagger)
+            tag_tables[name, "tagger"] = tag_rows(name, scored.scores[name], scored.table, choice, settings.tagger.scores_min)
+        return MethodRun("tagger", scored.scores, scored.computed, scored.reused, scored.seconds)
+    if method == "deepbooru":
+        from stages.caption.deepbooru import caption_from_deepbooru, deepbooru_rows, score_with_deepbooru  # torch only when used
+
+        run, tags = score_with_deepbooru(images, settings.deepbooru, store, progress)
+        for name in images:
+            texts[name]["deepbooru"], used = caption_from_deepbooru(tags, run.results[name], settings.deepbooru)
+            tag_tables[name, "deepbooru"] = deepbooru_rows(name, tags, run.results[name], used, settings.deepbooru.scores_min, TAGS_COLUMNS)
+        return run
+    if method == "blip":
+        from stages.caption.blip import caption_with_blip  # torch and transformers only when used
+
+        run = caption_with_blip(images, settings.blip, store, progress)
+        for name in images:
+            texts[name]["blip"] = run.results[name]
+        return run
+    raise InputError(f"caption.method: {method!r} is not a model method")
+
+
+def _add_run(runs: dict[str, MethodRun], run: MethodRun) -> None:
+    """A method that ran in more than one pass (another chain step reached it later) reports its passes together."""
+    if run.method not in runs:
+        runs[run.method] = run
+        return
+    total = runs[run.method]
+    total.results.update(run.results)
+    total.computed, total.reused, total.seconds = total.computed + run.computed, total.reused + run.reused, total.seconds + run.seconds

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,7 +20,7 @@ from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
 
-TAGS_COLUMNS = ["image", "tag", "category", "score", "used"]
+TAGS_COLUMNS = ["image", "method", "tag", "category", "score", "used"]  # method: tagger or deepbooru
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TaggerScores:
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # image name → one score per tag
     computed: int = 0  # images the model ran on
     reused: int = 0  # images whose scores came from the cache
+    seconds: float = 0.0  # loading and running the model (0 when every score was cached)
 
 
 def _check_width(width: int, table: TagTable, model: Path) -> None:
@@ -71,6 +73,7 @@ def score_images(
         result.reused += 1
     if not pending:
         return result
+    start = time.perf_counter()
     model = open_tagger(model_path, settings.threads or threads, settings.device)
     if model.output_width is not None:
         _check_width(model.output_width, table, model_path)
@@ -85,6 +88,7 @@ def score_images(
             result.reused += len(pending[digest]) - 1  # same content under another name
             for name in pending[digest]:
                 result.scores[name] = row
+    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -99,6 +103,7 @@ def tag_rows(image: str, scores: np.ndarray, table: TagTable, choice: TagChoice 
     keep = keep[np.lexsort((keep, -scores[keep]))]  # best first; ties in file order, so reruns write the same file
     return pd.DataFrame({
         "image": image,
+        "method": "tagger",
         "tag": [table.names[i] for i in keep],
         "category": table.category_names(keep),
         "score": np.round(scores[keep].astype(np.float64), 6),

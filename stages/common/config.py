@@ -174,7 +174,8 @@ def own_runs(config: dict, extra_files: list[str | Path]) -> dict:
     return config
 
 
-_PATH_KEYS = [("out_dir",), ("dataset", "images"), ("model", "path"), ("caption", "tagger", "model"), ("caption", "tagger", "tags")]
+_PATH_KEYS = [("out_dir",), ("dataset", "images"), ("model", "path"), ("caption", "tagger", "model"), ("caption", "tagger", "tags"),
+              ("caption", "deepbooru", "model"), ("caption", "blip", "model")]
 _RUN_PATH_KEYS = ("init_from", "template")
 
 

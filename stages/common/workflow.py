@@ -117,10 +117,69 @@ def tagger_files(model: Path | None, tags: Path | None) -> tuple[Path, Path]:
     return model, tags
 
 
+def caption_methods(caption: dict) -> list[str]:
+    """The methods a caption section runs: caption.method's, with the combine step's own methods in its place."""
+    methods = [caption["method"]] if isinstance(caption["method"], str) else list(caption["method"])
+    combine = caption.get("combine")
+    if combine and "combine" not in methods:
+        raise ConfigError(f"caption.combine: {combine} is set, but caption.method ({methods}) has no combine step; "
+                          "add combine where the joined text belongs, e.g. method: [existing, combine, filename]")
+    if "combine" in methods and not combine:
+        raise ConfigError("caption.method: combine needs caption.combine, the methods to join in order (e.g. combine: [tagger, blip])")
+    used = []
+    for method in methods:
+        for part in combine if method == "combine" else [method]:
+            if part not in used:
+                used.append(part)
+    return used
+
+
+def caption_inputs(caption: dict) -> list[str]:
+    """Every model file the caption methods read (tagger, DeepDanbooru, BLIP): Snakemake inputs, so replacing one re-captions."""
+    methods = caption_methods(caption)
+    files = tagger_inputs(caption) if "tagger" in methods else []
+    if "deepbooru" in methods:
+        files.append(str(deepbooru_file(caption.get("deepbooru", {}).get("model"))))
+    if "blip" in methods:
+        files += [str(path) for path in blip_files(caption.get("blip", {}).get("model"))]
+    return files
+
+
+def deepbooru_file(model: str | None) -> Path:
+    """caption.deepbooru.model as a path, or a clear error when it is not set or not there."""
+    where = "(AUTOMATIC1111 keeps it at models/DeepDanbooru/model-resnet_custom_v3.pt)"
+    if not model:
+        raise ConfigError(f"caption.deepbooru.model: not set; give the path of DeepDanbooru's model-resnet_custom_v3.pt {where} "
+                          "or drop deepbooru from caption.method")
+    path = Path(model)
+    if not path.is_file():
+        raise MissingInput(f"caption.deepbooru.model: {path} does not exist or is not a file; give the path of model-resnet_custom_v3.pt {where}")
+    return path
+
+
+BLIP_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+BLIP_TOKENIZER = ("tokenizer.json", "vocab.txt")  # BLIP's tokenizer is BERT's: either file will do
+
+
+def blip_files(model: str | None) -> list[Path]:
+    """The files of the BLIP folder caption.blip.model, or a clear error naming the folder or the file that is missing."""
+    how = ("give a folder saved by transformers (a local copy of Salesforce/blip-image-captioning-base or -large: config.json, "
+           "model.safetensors, preprocessor_config.json and the tokenizer files)")
+    if not model:
+        raise ConfigError(f"caption.blip.model: not set; {how}, or drop blip from caption.method")
+    folder = Path(model)
+    if not folder.is_dir():
+        raise MissingInput(f"caption.blip.model: the folder {folder} does not exist; {how}")
+    for needed in [("config.json",), BLIP_WEIGHTS, ("preprocessor_config.json",), BLIP_TOKENIZER]:
+        if not any((folder / name).is_file() for name in needed):
+            raise MissingInput(f"caption.blip.model: {folder / needed[0]} does not exist"
+                               + (f" (nor {', '.join(needed[1:])})" if len(needed) > 1 else "") + f"; {how}")
+    return sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+
+
 def tagger_inputs(caption: dict) -> list[str]:
     """The tagger's files when caption.method uses it: Snakemake inputs, so replacing either re-captions."""
-    methods = [caption["method"]] if isinstance(caption["method"], str) else list(caption["method"])
-    if "tagger" not in methods:
+    if "tagger" not in caption_methods(caption):
         return []
     tagger = caption.get("tagger", {})  # a section as written: the schema leaves model and tags empty when unset
     return [str(path) for path in tagger_files(*tagger_paths(tagger.get("model"), tagger.get("tags")))]
