@@ -87,7 +87,7 @@ def caption_with_blip(
     files = settings.require_files()
     cache = TextCache(store / "blip", blip_cache_key(files, settings))
 
-    def open_model() -> Callable[[list[Path]], list[str]]:
-        return BlipCaptioner(settings.model, settings, pick_device(settings.device, "caption.blip.device")).caption
+    def open_model() -> tuple[Callable[[list[Path]], list[str]], int]:
+        return BlipCaptioner(settings.model, settings, pick_device(settings.device, "caption.blip.device")).caption, settings.batch_size
 
-    return run_with_cache("blip", images, cache, open_model, settings.batch_size, progress)
+    return run_with_cache("blip", images, cache, open_model, progress)

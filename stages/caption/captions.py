@@ -216,11 +216,11 @@ def _run_method(method: str, images: dict[str, Path], settings: CaptionSettings,
                 tag_tables: dict[tuple[str, str], pd.DataFrame]) -> MethodRun:
     """Run one model method on `images`; put each image's text in `texts` and its scores' rows in `tag_tables`."""
     if method == "tagger":
-        scored = score_images(images, settings.tagger, store, threads, lambda batches: progress(batches, "tagger"))
+        run, table = score_images(images, settings.tagger, store, threads, progress)
         for name in images:
-            texts[name]["tagger"], choice = caption_from_scores(scored.scores[name], scored.table, settings.tagger)
-            tag_tables[name, "tagger"] = tag_rows(name, scored.scores[name], scored.table, choice, settings.tagger.scores_min)
-        return MethodRun("tagger", scored.scores, scored.computed, scored.reused, scored.seconds)
+            texts[name]["tagger"], choice = caption_from_scores(run.results[name], table, settings.tagger)
+            tag_tables[name, "tagger"] = tag_rows(name, run.results[name], table, choice, settings.tagger.scores_min)
+        return run
     if method == "deepbooru":
         from stages.caption.deepbooru import caption_from_deepbooru, deepbooru_rows, score_with_deepbooru  # torch only when used
 

@@ -68,13 +68,13 @@ def score_with_deepbooru(
     names_file = cache.folder / "tags.json"
     model = None
 
-    def open_model() -> Callable[[list[Path]], list]:
+    def open_model() -> tuple[Callable[[list[Path]], list], int]:
         nonlocal model
         model = load_deepbooru(path, pick_device(settings.device, "caption.deepbooru.device"))
         write_text_atomic(names_file, json.dumps(model.tags, ensure_ascii=False))
-        return lambda paths: list(run_deepbooru(model, np.stack([load_deepbooru_input(p) for p in paths])))
+        return lambda paths: list(run_deepbooru(model, np.stack([load_deepbooru_input(p) for p in paths]))), settings.batch_size
 
-    run = run_with_cache("deepbooru", images, cache, open_model, settings.batch_size, progress)
+    run = run_with_cache("deepbooru", images, cache, open_model, progress)
     tags = model.tags if model is not None else _cached_names(names_file, path)
     for name, scores in run.results.items():
         if len(scores) != len(tags):

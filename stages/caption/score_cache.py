@@ -94,14 +94,13 @@ def run_with_cache(
     method: str,
     images: dict[str, Path],
     cache: Cache,
-    open_model: Callable[[], Callable[[list[Path]], list]],
-    batch_size: int,
+    open_model: Callable[[], tuple[Callable[[list[Path]], list], int]],
     progress: Callable[[list, str], Iterable] = lambda batches, method: batches,
 ) -> MethodRun:
     """Results for each image (name → path): cached ones are read; the rest go through the model in batches.
 
     `open_model` is called only when some image is not cached, and returns the function that
-    runs one batch of image paths. Images with the same content run once.
+    runs one batch of image paths and the batch size to run. Images with the same content run once.
     """
     run = MethodRun(method)
     pending: dict[str, list[str]] = {}  # image hash → names with that content
@@ -119,7 +118,7 @@ def run_with_cache(
     if not pending:
         return run
     start = time.perf_counter()
-    compute = open_model()
+    compute, batch_size = open_model()
     digests = list(pending)
     for batch in progress([digests[i : i + batch_size] for i in range(0, len(digests), batch_size)], method):
         for digest, output in zip(batch, compute([images[pending[digest][0]] for digest in batch])):
