@@ -76,7 +76,7 @@ def planned_resources(result: subprocess.CompletedProcess) -> dict[str, dict[str
     """rule name → its 'resources:' line of a dry run, as a dict."""
     resources, rule = {}, None
     for line in result.stdout.splitlines():
-        if line.startswith(("rule ", "localrule ")):
+        if line.strip().startswith(("rule ", "localrule ")):  # a group job's rules are indented
             rule = line.split()[1].rstrip(":")
         elif line.strip().startswith("resources:") and rule:
             resources[rule] = dict(item.split("=", 1) for item in line.split(":", 1)[1].strip().split(", "))
@@ -96,6 +96,7 @@ def test_the_slurm_profile_sends_each_stage_as_a_job_and_the_model_stages_get_a_
     for stage in ("preprocess", "caption", "overview", "preflight"):
         assert "gpu" not in resources[stage], (stage, resources[stage])
     assert int(resources["train"]["runtime"]) > int(resources["preprocess"]["runtime"])
+    assert "Group job train_run" in result.stdout  # a run's pre-flight part and its training: one cluster job, one queue wait
 
 
 def test_a_failed_preprocess_keeps_its_skip_reasons_readable(tmp_path):

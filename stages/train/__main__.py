@@ -35,18 +35,19 @@ def preflight(config: dict, run: str | None) -> int:
     import json
 
     from stages.common.files import write_text_atomic
-    from stages.common.models import load_model
-    from stages.train.preflight_page import write_preflight_page
-    from stages.train.preflight_report import assemble_preflight, run_preflight
-    from stages.train.step_timing import measure_steps
+    from stages.train.preflight_page import assemble_preflight, write_preflight_page
 
     dirs, model = StageDirs(config["out_dir"]), config["model"]
     log = logging.getLogger("stages.train")
 
     def part(name: str) -> dict:
         target = dirs.preflight / "runs" / f"{name}.json"
-        if run is None and target.is_file():
+        if run is None and target.is_file():  # the page alone: no model, no torch
             return json.loads(target.read_text(encoding="utf-8"))
+        from stages.common.models import load_model
+        from stages.train.preflight_report import run_preflight
+        from stages.train.step_timing import measure_steps
+
         facts = run_preflight(config, name, lambda: load_model(model["path"], model["family"]), measure_steps, dirs.preflight_cache)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(target, json.dumps(facts, indent=2) + "\n")

@@ -1,16 +1,61 @@
-"""out/preflight/index.html and aspect_ratios.png: the pre-flight report (preflight.json) as a page."""
+"""out/preflight/index.html, preflight.json and aspect_ratios.png: every run's part of the pre-flight report, assembled.
+
+It needs no model and no torch (every run's part, preflight_report.run_preflight, is already
+written), so the page costs the workflow a second, not a model load.
+"""
 from __future__ import annotations
 
 import json
 from html import escape
 from pathlib import Path
 
+import pandas as pd
+
 from stages.common.charts import chart
 from stages.common.files import write_text_atomic
 from stages.common.pages import STYLE, format_number
 from stages.common.text import plural
-from stages.common.tokens import PROMPT_TOKEN_BUDGET
-from stages.train.preflight_report import LISTED
+from stages.common.layout import StageDirs
+from stages.common.trigger import PROMPT_TOKEN_BUDGET
+
+LISTED = 20  # files named per problem on the page; the JSON has them all
+
+
+def image_facts(preprocess_dir: Path) -> dict:
+    """Kept, skipped and duplicate images, and each kept source's aspect ratio, from preprocess's tables."""
+    manifest = pd.read_csv(preprocess_dir / "manifest.csv", keep_default_na=False)
+    skipped_path = preprocess_dir / "skipped.csv"
+    skipped = pd.read_csv(skipped_path, keep_default_na=False) if skipped_path.is_file() else pd.DataFrame(columns=["file", "reason"])
+    is_duplicate = skipped.reason.str.startswith("duplicate")
+    near_path = preprocess_dir / "near_duplicates.csv"
+    near = len(pd.read_csv(near_path)) if near_path.is_file() else 0
+    sources = manifest.drop_duplicates("source")
+    return {
+        "sources_kept": len(sources),
+        "images": len(manifest),  # a split source gives several
+        "skipped": [{"file": r.file, "reason": r.reason} for r in skipped[~is_duplicate].itertuples()],
+        "duplicates": [{"file": r.file, "reason": r.reason} for r in skipped[is_duplicate].itertuples()],
+        "near_duplicate_pairs": near,
+        "aspect_ratios": [round(float(r.width) / float(r.height), 4) for r in sources.itertuples() if float(r.height) > 0],
+    }
+
+
+def assemble_preflight(config: dict, runs: dict[str, dict]) -> dict:
+    """preflight.json's content from each run's part (run_preflight): the images once, and each distinct timing once."""
+    report = {"images": image_facts(StageDirs(config["out_dir"]).preprocess), "model": config["model"]["path"], "runs": {}, "timings": []}
+    seen: dict[str, int] = {}
+    for run, facts in runs.items():
+        timing = dict(facts["timing"])
+        key = json.dumps(timing, sort_keys=True)
+        if key not in seen:
+            seen[key] = len(report["timings"])
+            report["timings"].append({"runs": [], **timing})
+        report["timings"][seen[key]]["runs"].append(run)
+        report["runs"][run] = {**facts, "timing": seen[key]}
+    report["warnings"] = [warning for facts in report["runs"].values() for warning in facts["warnings"]]
+    return report
+
+
 
 
 def plot_aspect_ratios(ratios: list[float], target: Path) -> None:

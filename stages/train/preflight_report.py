@@ -35,7 +35,6 @@ LATENT_FACTOR = 8  # pixels per latent cell
 # AUTOMATIC1111's default is 0.005 and its users' guides go to 0.01 for speed, 0.1 only briefly at the start
 # of a schedule; more vectors learn (and overfit) faster, so the top of the range falls as vectors grow.
 USUAL_RATE_LOW, USUAL_RATE_HIGH, HIGHEST_RATE = 1e-4, 0.05, 0.2
-LISTED = 20  # files named per problem on the page; the JSON has them all
 
 
 def usual_rate_range(vectors: int) -> tuple[float, float]:
@@ -57,25 +56,6 @@ def learning_rate_warning(learning_rate: float | str, vectors: int, steps: int, 
     if typical < low:
         return f"{key}: most steps train at {typical:g}, far below what works ({usual}): the embedding will barely move from its start"
     return None
-
-
-def image_facts(preprocess_dir: Path) -> dict:
-    """Kept, skipped and duplicate images, and each kept source's aspect ratio, from preprocess's tables."""
-    manifest = pd.read_csv(preprocess_dir / "manifest.csv", keep_default_na=False)
-    skipped_path = preprocess_dir / "skipped.csv"
-    skipped = pd.read_csv(skipped_path, keep_default_na=False) if skipped_path.is_file() else pd.DataFrame(columns=["file", "reason"])
-    is_duplicate = skipped.reason.str.startswith("duplicate")
-    near_path = preprocess_dir / "near_duplicates.csv"
-    near = len(pd.read_csv(near_path)) if near_path.is_file() else 0
-    sources = manifest.drop_duplicates("source")
-    return {
-        "sources_kept": len(sources),
-        "images": len(manifest),  # a split source gives several
-        "skipped": [{"file": r.file, "reason": r.reason} for r in skipped[~is_duplicate].itertuples()],
-        "duplicates": [{"file": r.file, "reason": r.reason} for r in skipped[is_duplicate].itertuples()],
-        "near_duplicate_pairs": near,
-        "aspect_ratios": [round(float(r.width) / float(r.height), 4) for r in sources.itertuples() if float(r.height) > 0],
-    }
 
 
 def latent_sizes(preprocess_dir: Path, flip: bool) -> list[tuple[int, int]]:
@@ -186,24 +166,10 @@ def run_preflight(config: dict, run: str, load_model: Callable, measure: Callabl
     }
 
 
-def assemble_preflight(config: dict, runs: dict[str, dict]) -> dict:
-    """preflight.json's content from each run's part (run_preflight): the images once, and each distinct timing once."""
-    report = {"images": image_facts(StageDirs(config["out_dir"]).preprocess), "model": config["model"]["path"], "runs": {}, "timings": []}
-    seen: dict[str, int] = {}
-    for run, facts in runs.items():
-        timing = dict(facts["timing"])
-        key = json.dumps(timing, sort_keys=True)
-        if key not in seen:
-            seen[key] = len(report["timings"])
-            report["timings"].append({"runs": [], **timing})
-        report["timings"][seen[key]]["runs"].append(run)
-        report["runs"][run] = {**facts, "timing": seen[key]}
-    report["warnings"] = [warning for facts in report["runs"].values() for warning in facts["warnings"]]
-    return report
-
-
 def build_preflight(config: dict, load_model: Callable, measure: Callable, progress=None, cache_dir: Path | None = None) -> dict:
     """The whole report in one go: every run's part, then assembled (tests, and `python -m stages.train --preflight` by hand)."""
+    from stages.train.preflight_page import assemble_preflight
+
     runs = list(config["runs"])
     return assemble_preflight(config, {run: run_preflight(config, run, load_model, measure, cache_dir)
                                        for run in (progress(runs) if progress else runs)})
