@@ -20,14 +20,17 @@ def start_workflow(workdir: Path, config: dict | str) -> tuple[subprocess.Comple
     return result, time.monotonic() - started
 
 
-@pytest.mark.parametrize("config, key, says", [
+MISTAKES = [
     ({"runs": {"cat": {}}}, "runs: cat", "already the vocabulary token"),
     ({"runs": {"zzqtok": {"template": "subjects"}}}, "runs.zzqtok.template", "neither a built-in template"),
     ({"model": {"path": "builtin:sd1.5"}, "runs": {"zzqtok": {}}}, "model.path", "unknown builtin model 'sd1.5'"),
     ({"runs": {"zzqtok": {"init_from": "missing/start.pt"}}}, "runs.zzqtok.init_from", "missing/start.pt does not exist"),
     ({"train": {"init_text": "a red toy on a table"}, "runs": {"zzqtok": {"vectors": 2}}}, "train.init_text", "raise vectors to"),
     ({"dataset": {"images": "no/such/folder"}, "runs": {"zzqtok": {}}}, "dataset.images", "is not a folder"),
-])
+]
+
+
+@pytest.mark.parametrize("config, key, says", [MISTAKES[0], MISTAKES[5]], ids=["trigger word", "image folder"])
 def test_a_mistake_stops_the_workflow_before_any_stage_runs(tmp_path, config, key, says):
     result, seconds = start_workflow(tmp_path, dict({"preprocess": {"size": 64}}, **config))
     assert result.returncode != 0
@@ -36,6 +39,14 @@ def test_a_mistake_stops_the_workflow_before_any_stage_runs(tmp_path, config, ke
     assert "Traceback" not in result.stderr and "workflow.py" not in result.stderr  # one sentence, no Snakemake traceback
     assert not (tmp_path / "out").exists()  # no stage started
     print(f"{key}: refused in {seconds:.1f} s")  # `pytest -s` shows the times: about 2 s each here
+
+
+@pytest.mark.parametrize("config, key, says", MISTAKES)
+def test_each_mistake_gets_one_line_naming_its_key(config, key, says):
+    """What the Snakefile runs at its start (the two tests above show it stops the workflow there)."""
+    with pytest.raises(ConfigError) as raised:
+        check_before_work(validate_config(dict({"preprocess": {"size": 64}}, **config)))
+    assert str(raised.value).startswith(key) and says in str(raised.value)
 
 
 def test_a_yaml_error_names_its_line(tmp_path):
