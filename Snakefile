@@ -222,6 +222,7 @@ rule overview:
     input:
         expand(f"{DIRS.evaluate(RUN)}/metrics.json", run=RUNS),
         expand(f"{DIRS.evaluate(RUN)}/val_loss.csv", run=RUNS),
+        rules.preflight.output.report,  # the page links it; cheap to redo when it changes
     output:
         report=f"{DIRS.evaluate_root}/index.html",
         plot=report(f"{DIRS.evaluate_root}/val_loss.png", caption="report/overview.rst", category="Comparison",

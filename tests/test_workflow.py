@@ -44,8 +44,12 @@ def test_workflow_leaves_the_promised_files(finished_workflow):
                  "train/demotok/steps/demotok-2.safetensors", "evaluate/demotok/grid.png", "evaluate/demotok/loss.png",
                  "evaluate/demotok/val_loss.csv", "evaluate/demotok/metrics.json", "evaluate/demotok/index.html",
                  "evaluate/demotok/checkpoints.png", "evaluate/demotok/best/demotok.safetensors", "evaluate/index.html", "evaluate/val_loss.png",
-                 "preprocess/manifest.csv", "preprocess/skipped.csv", "caption/captions.csv", "latents/manifest.csv"]:
+                 "preprocess/manifest.csv", "preprocess/skipped.csv", "caption/captions.csv", "latents/manifest.csv",
+                 "evaluate/demotok/image_loss.csv", "preflight/index.html", "preflight/preflight.json", "preflight/aspect_ratios.png",
+                 "preflight/runs/demotok.json"]:
         assert (out / name).is_file(), name
+    assert 'href="../preflight/index.html"' in (out / "evaluate/index.html").read_text()  # the overview links the pre-flight report
+    assert json.loads((out / "preflight/preflight.json").read_text())["runs"]["demotok"]["timing"] == 0
     metrics = json.loads((out / "evaluate/demotok/metrics.json").read_text())
     assert metrics["validation_set"] == "held out" and metrics["validation_images"] == 2  # the run's split reached evaluate
     grid = Image.open(out / "evaluate/demotok/grid.png")
