@@ -341,8 +341,8 @@ def test_model_files_are_workflow_inputs(tmp_path, deepbooru_file, blip_folder):
         caption_inputs({"method": "deepbooru", "deepbooru": {"model": str(tmp_path / "missing.pt")}})
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch sees a GPU")
-def test_cuda_without_a_gpu_is_refused_naming_the_key(tmp_path, deepbooru_file, blip_folder):
+def test_cuda_without_a_gpu_is_refused_naming_the_key(tmp_path, deepbooru_file, blip_folder, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU, also where there is one
     preprocess = make_dataset(tmp_path / "data", {"red.png": (200, 0, 0)})
     for method, section in (("deepbooru", {"model": str(deepbooru_file)}), ("blip", {"model": str(blip_folder)})):
         with pytest.raises(InputError, match=rf"caption.{method}.device: cuda, but this torch sees no GPU"):

@@ -20,11 +20,16 @@ def tiny() -> dict:
     return build_builtin_components("tiny-sd15", seed=3)
 
 
+def written_single_file(components: dict, name: str, tmp_path_factory) -> Path:
+    """The builtin `name`'s components as one original-layout file, as tiflow export-model --single-file writes it."""
+    path = tmp_path_factory.mktemp(name) / f"{name}.safetensors"
+    save_original_checkpoint(components, path, builtin_name=name)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_file(tiny, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_original_checkpoint(tiny, path, builtin_name="tiny-sd15")
-    return path
+    return written_single_file(tiny, "tiny-sd15", tmp_path_factory)
 
 
 def assert_same_weights(a: dict, b: dict, parts: tuple[str, ...] = PARTS) -> None:
@@ -136,14 +141,21 @@ def meta_state_dicts(spec) -> tuple[dict, dict, dict]:
                 CLIPTextModel(CLIPTextConfig(**spec.text_encoder)).state_dict())
 
 
+def assert_diffusers_converters_take_it_back(original: dict, spec, unet: dict, vae: dict, text: dict) -> None:
+    """diffusers' own converters take our original layout back to exactly the diffusers keys and shapes."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    back_unet = convert_ldm_unet_checkpoint(original, dict(spec.unet))
+    assert back_unet.keys() == unet.keys() and all(back_unet[k] is unet[k] for k in unet)
+    back_vae = convert_ldm_vae_checkpoint(original, dict(spec.vae))
+    assert {k: v.shape for k, v in back_vae.items()} == {k: v.shape for k, v in vae.items()}
+    back_text = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(original).items()}
+    assert back_text.keys() == text.keys()
+
+
 def test_full_size_sd15_mapping_matches_diffusers_converters():
     """The 1 GB SD1.5 mapping, checked on the meta device: shapes only, no memory."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        infer_diffusers_model_type,
-    )
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     spec = BUILTIN_MODELS["sd15"]
     unet, vae, text = meta_state_dicts(spec)
@@ -182,13 +194,7 @@ def test_full_size_sd15_mapping_matches_diffusers_converters():
     assert {k: shapes.get(k) for k in known} == known
     assert infer_diffusers_model_type(original) == "v1"
 
-    # diffusers' own converters take our layout back to exactly the diffusers keys and shapes
-    back_unet = convert_ldm_unet_checkpoint(original, dict(spec.unet))
-    assert back_unet.keys() == unet.keys() and all(back_unet[k] is unet[k] for k in unet)
-    back_vae = convert_ldm_vae_checkpoint(original, dict(spec.vae))
-    assert {k: v.shape for k, v in back_vae.items()} == {k: v.shape for k, v in vae.items()}
-    back_text = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(original).items()}
-    assert back_text.keys() == text.keys()
+    assert_diffusers_converters_take_it_back(original, spec, unet, vae, text)
 
 
 # ----------------------------------------------------------------------------------- families

@@ -9,8 +9,9 @@ from safetensors.torch import save_file
 
 from stages.common.builtin import BUILTIN_MODELS, build_builtin_components
 from stages.common.checkpoint_layout import CheckpointError, load_original_checkpoint, read_checkpoint_state_dict
-from stages.tools.checkpoint_write import clip_to_original, openclip_to_original, save_original_checkpoint, unet_to_original, vae_to_original
-from test_checkpoint_layout import PARTS, assert_same_weights, meta_state_dicts
+from stages.tools.checkpoint_write import clip_to_original, openclip_to_original, unet_to_original, vae_to_original
+from test_checkpoint_layout import (PARTS, assert_diffusers_converters_take_it_back, assert_same_weights, meta_state_dicts,
+                                    written_single_file)
 
 SDXL_PARTS = (*PARTS, "text_encoder_2")
 
@@ -22,9 +23,7 @@ def tiny_sdxl() -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_sdxl_file(tiny_sdxl, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
-    save_original_checkpoint(tiny_sdxl, path, builtin_name="tiny-sdxl")
-    return path
+    return written_single_file(tiny_sdxl, "tiny-sdxl", tmp_path_factory)
 
 
 def test_sdxl_round_trip_is_bit_identical(tiny_sdxl, tiny_sdxl_file, tmp_path):
@@ -102,13 +101,7 @@ def test_sdxl_file_without_its_second_text_encoder_is_named(tiny_sdxl_file, tmp_
 
 def test_full_size_sdxl_mapping_matches_diffusers_converters():
     """The 7 GB SDXL base mapping, checked on the meta device: shapes only, no memory."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint,
-        infer_diffusers_model_type,
-    )
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint, infer_diffusers_model_type
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     spec = BUILTIN_MODELS["sdxl"]
@@ -156,12 +149,6 @@ def test_full_size_sdxl_mapping_matches_diffusers_converters():
     assert not any(".input_blocks.1.1." in k or ".output_blocks.6.1." in k for k in shapes)  # attention-free levels
     assert infer_diffusers_model_type(original) == "xl_base"
 
-    # diffusers' own converters take our layout back to exactly the diffusers keys and shapes
-    back_unet = convert_ldm_unet_checkpoint(original, dict(spec.unet))
-    assert back_unet.keys() == unet.keys() and all(back_unet[k] is unet[k] for k in unet)
-    back_vae = convert_ldm_vae_checkpoint(original, dict(spec.vae))
-    assert {k: v.shape for k, v in back_vae.items()} == {k: v.shape for k, v in vae.items()}
-    back_text = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(original).items()}
-    assert back_text.keys() == text.keys()
+    assert_diffusers_converters_take_it_back(original, spec, unet, vae, text)
     back_big_g = convert_open_clip_checkpoint(big_g_model, original, prefix="conditioner.embedders.1.model.")
     assert {k: v.shape for k, v in back_big_g.items()} == {k: v.shape for k, v in big_g.items()}

@@ -330,4 +330,17 @@ def test_outlier_hints_name_a_tight_crop_or_a_caption_that_names_the_concept():
     ranked = rank_images(losses, hints)
     assert ranked.image[0] == "b.png" and ranked.outlier.sum() == 1 and ranked.hint[0] == hints["b.png"]
     assert rank_images(losses.assign(loss=1.0)).outlier.sum() == 0  # equal losses: nothing stands out
-    assert ranked.hint[1] == "" and GENERIC_HINT
+    # an outlier with no crop or caption to blame gets the plain advice; a row that is no outlier gets none
+    assert rank_images(losses).hint[0] == GENERIC_HINT and ranked.hint[1] == ""
+
+
+def test_a_missing_or_broken_image_gets_no_thumbnail_and_a_logged_reason(tmp_path, caplog):
+    from stages.evaluate.image_loss import thumbnails
+
+    Image.new("RGB", (200, 100), (10, 200, 10)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    table = pd.DataFrame({"image": ["good.png", "broken.png", "gone.png"]})
+    written = thumbnails(table, tmp_path, tmp_path / "thumbs", size=64)
+    assert written == {"good.png": "good.jpg"} and Image.open(tmp_path / "thumbs" / "good.jpg").size == (64, 32)
+    assert "broken.png" in caplog.text and "gone.png" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "thumbs").iterdir()) == ["good.jpg"]  # no half-written file left

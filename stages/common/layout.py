@@ -8,6 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
+PIXELS_PER_LATENT = 8  # every Stable Diffusion VAE shrinks each side 8 times
+
+
 class StageDirs:
     """Where each stage's files go under out_dir."""
 

@@ -1,5 +1,8 @@
-"""What every tiflow HTML page shares: its style sheet and how it writes numbers."""
+"""What every tiflow HTML page shares: its style sheet, how it writes numbers, and the way to the pre-flight report."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -19,3 +22,10 @@ def format_number(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def preflight_page_link(evaluate_root: Path, page_folder: Path) -> str | None:
+    """The pre-flight report ({out_dir}/preflight/index.html, beside evaluate/) relative to a page in page_folder;
+    None until the workflow has written it."""
+    page = evaluate_root.resolve().parent / "preflight" / "index.html"
+    return os.path.relpath(page, page_folder.resolve()) if page.is_file() else None

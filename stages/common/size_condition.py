@@ -39,7 +39,7 @@ def size_condition(width: int, height: int, crop_box: str, bucket: str, out_widt
         if flipped:
             crop_left = bucket_w - crop_right
         return (height, width, int(crop_top), int(crop_left), bucket_h, bucket_w)
-    left, top, right, _ = _parse_box(crop_box)
+    left, top, right, _ = parse_crop_box(crop_box)
     scale = out_width / (right - left)
     crop_top, crop_left = round(top * scale), round(left * scale)
     if flipped:
@@ -82,7 +82,8 @@ def _parse_bucket(bucket: str) -> tuple[int, int]:
     return bucket_w, bucket_h
 
 
-def _parse_box(crop_box: str) -> tuple[float, float, float, float]:
+def parse_crop_box(crop_box: str) -> tuple[float, float, float, float]:
+    """preprocess's manifest crop_box, "left top right bottom" in source pixels. Raises ValueError."""
     try:
         left, top, right, bottom = (float(v) for v in crop_box.split())
     except ValueError:

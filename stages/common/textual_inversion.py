@@ -316,6 +316,11 @@ def prepare_modules(bundle: ModelBundle, options: ComputeOptions, device: torch.
     return dtype
 
 
+def spread_timesteps(count: int, num_timesteps: int) -> torch.Tensor:
+    """`count` timesteps spread evenly over the schedule (each in the middle of its share): every noise level counts."""
+    return ((torch.arange(count) + 0.5) * num_timesteps / count).long().clamp(max=num_timesteps - 1)
+
+
 def fixed_probe(examples: list[LatentExample], count: int, seed: int, num_timesteps: int):
     """A held-fixed set of (example index, noise, timestep) to measure loss comparably across steps.
 
@@ -325,7 +330,7 @@ def fixed_probe(examples: list[LatentExample], count: int, seed: int, num_timest
     generator = torch.Generator().manual_seed(seed)
     picks = [i % len(examples) for i in range(count)]
     noise = [torch.randn(examples[i].mean.shape, generator=generator) for i in picks]
-    spread = ((torch.arange(count) + 0.5) * num_timesteps / count).long().clamp(max=num_timesteps - 1)
+    spread = spread_timesteps(count, num_timesteps)
     return picks, noise, spread[torch.randperm(count, generator=generator)]
 
 

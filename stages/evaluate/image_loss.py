@@ -7,6 +7,7 @@ cannot explain: an off-concept picture, a bad crop, or a caption that already na
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,34 +16,38 @@ import torch
 from PIL import Image
 
 from stages.common.latents import LatentExample
-from stages.common.textual_inversion import TextualInversion
+from stages.common.files import atomic_path
+from stages.common.size_condition import parse_crop_box
+from stages.common.textual_inversion import TextualInversion, spread_timesteps
+
+log = logging.getLogger(__name__)
 
 OUTLIER_SIGMAS = 2.0
 IMAGE_LOSS_COLUMNS = ["rank", "image", "split", "loss", "z_score", "outlier", "hint", "caption"]
 CROP_WARNING_FRACTION = 0.5  # a crop that kept less than this share of the source picture may have cut the concept off
 
 
-def shared_probe(examples: list[LatentExample], timesteps: int, seed: int, num_train_timesteps: int) -> tuple[torch.Tensor, dict]:
-    """`timesteps` spread evenly over the schedule, and one noise tensor per (timestep, latent size): the same for every image."""
-    spread = ((torch.arange(timesteps) + 0.5) * num_train_timesteps / timesteps).long().clamp(max=num_train_timesteps - 1)
-    noise = {}
-    for size in sorted({(e.mean.shape[0], *e.latent_size) for e in examples}):
-        noise[size] = torch.randn((timesteps, *size), generator=torch.Generator().manual_seed(seed))
-    return spread, noise
+def shared_noise(shape: tuple[int, ...], timesteps: int, seed: int) -> torch.Tensor:
+    """One noise tensor per timestep for latents of `shape`: the same for every image of that size."""
+    return torch.randn((timesteps, *shape), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
 def image_losses(model: TextualInversion, examples: list[LatentExample], prompts: list[str], held_out: set[str],
                  timesteps: int, seed: int, progress=None) -> pd.DataFrame:
     """Each image's mean loss over the shared timesteps (its flipped copy averaged in), one row per image."""
-    spread, noise = shared_probe(examples, timesteps, seed, model.bundle.scheduler.config.num_train_timesteps)
-    device, by_image = model.device, defaultdict(list)
+    spread = spread_timesteps(timesteps, model.bundle.scheduler.config.num_train_timesteps).to(model.device)
+    noise: dict[tuple[int, ...], torch.Tensor] = {}
+    by_image = defaultdict(list)
     indices = range(len(examples))
     for i in (progress(indices) if progress else indices):
         example = examples[i]
-        latents = example.mean[None].expand(timesteps, -1, -1, -1).to(device)  # one image, every timestep in one batch
-        shared = noise[(example.mean.shape[0], *example.latent_size)]
-        loss = model.loss(latents, [prompts[i]] * timesteps, shared.to(device), spread.to(device), [example.size_condition] * timesteps)
+        mean = example.mean  # read from the cache file once
+        if tuple(mean.shape) not in noise:
+            noise[tuple(mean.shape)] = shared_noise(tuple(mean.shape), timesteps, seed).to(model.device)
+        shared = noise[tuple(mean.shape)]
+        latents = mean[None].expand(timesteps, -1, -1, -1).to(model.device)  # one image, every timestep in one batch
+        loss = model.loss(latents, [prompts[i]] * timesteps, shared, spread, [example.size_condition] * timesteps)
         by_image[example.image].append(float(loss))
     captions = {e.image: e.caption for e in examples}
     return pd.DataFrame([{"image": image, "split": "held out" if image in held_out else "training",
@@ -87,10 +92,10 @@ def outlier_hints(manifest: pd.DataFrame | None, captions: dict[str, str], conce
 
 def _kept_fraction(row) -> float | None:
     try:
-        left, top, right, bottom = (float(v) for v in str(row.crop_box).replace(",", " ").split())
-        return max(0.0, (right - left) * (bottom - top)) / (float(row.width) * float(row.height))
+        left, top, right, bottom = parse_crop_box(str(row.crop_box))
+        return (right - left) * (bottom - top) / (float(row.width) * float(row.height))
     except (AttributeError, ValueError, ZeroDivisionError):
-        return None
+        return None  # no crop recorded (a manifest from elsewhere): no crop hint
 
 
 def thumbnails(table: pd.DataFrame, images_dir: Path, target_dir: Path, size: int = 96) -> dict[str, str]:
@@ -98,13 +103,15 @@ def thumbnails(table: pd.DataFrame, images_dir: Path, target_dir: Path, size: in
     target_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for image in table.image:
-        source = images_dir / image
-        if not source.is_file():
-            continue  # the preprocess folder changed since the latents were cached; the row stays, without a picture
-        with Image.open(source) as picture:
-            thumb = picture.convert("RGB")
-            thumb.thumbnail((size, size))
-            name = Path(image).stem + ".jpg"
-            thumb.save(target_dir / name, quality=85)
-            written[image] = name
+        source, name = images_dir / image, Path(image).stem + ".jpg"
+        try:
+            with Image.open(source) as picture:
+                thumb = picture.convert("RGB")
+        except (OSError, ValueError) as error:  # the row stays, without a picture
+            log.warning("no thumbnail for %s in the image ranking: %s (rerun preprocess if the folder changed)", source, error)
+            continue
+        thumb.thumbnail((size, size))
+        with atomic_path(target_dir / name) as temp:
+            thumb.save(temp, format="JPEG", quality=85)
+        written[image] = name
     return written

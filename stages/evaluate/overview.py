@@ -9,7 +9,7 @@ import pandas as pd
 
 from stages.common.files import write_text_atomic
 from stages.common.charts import step_chart
-from stages.common.pages import STYLE, format_number
+from stages.common.pages import STYLE, format_number, preflight_page_link
 from stages.common.errors import MissingInput
 
 
@@ -72,10 +72,11 @@ def _image_flag(name: str, metrics: dict) -> str:
 
 
 def _preflight_link(evaluate_dir: Path) -> str:
-    """A link to the pre-flight report ({out_dir}/preflight, beside evaluate/) when the workflow wrote one."""
-    if not (evaluate_dir / ".." / "preflight" / "index.html").is_file():
+    """A paragraph linking the pre-flight report, when the workflow wrote one."""
+    page = preflight_page_link(evaluate_dir, evaluate_dir)
+    if page is None:
         return ""
-    return ('<p><a href="../preflight/index.html">Pre-flight report</a>: the images, buckets and token budgets every run '
+    return (f'<p><a href="{escape(page)}">Pre-flight report</a>: the images, buckets and token budgets every run '
             "trained on, the measured time per step and memory, and settings known to fail.</p>")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,10 @@ import pandas as pd
 from PIL import Image
 
 from stages.common.embedding.core import Embedding, save_embedding_files
+from stages.common.errors import InputError
 from stages.common.layout import latest_snapshot
 from stages.common.files import atomic_path, write_csv_atomic, write_text_atomic
+from stages.common.pages import preflight_page_link
 from stages.common.models import ModelBundle
 from stages.common.sampling import build_pipeline, sample_image
 from stages.common.charts import step_chart
@@ -138,8 +139,12 @@ def score_similarity(clip_model: str | None, cells: list[dict], images_dir: Path
     scorer = ClipScorer.load(clip_model, pick_device())
     training = []
     for name in image_names:
-        with Image.open(images_dir / name) as picture:
-            training.append(picture.convert("RGB"))
+        try:
+            with Image.open(images_dir / name) as picture:
+                training.append(picture.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise InputError(f"{images_dir / name}: cannot read this training image for the likeness scores ({error}); "
+                             "rerun preprocess, or set evaluate.clip_model: null") from None
     table = similarity_table(scorer, cells, training)
     write_csv_atomic(out_dir / "similarity.csv", table)
     summary = summarise(table)
@@ -223,14 +228,8 @@ def evaluate_run(bundle: ModelBundle, run: RunToEvaluate, section: dict, size: t
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_report(out_dir / "index.html", metrics, validation, has_checkpoint_grid=bool(rows), has_baseline_grid=bool(baseline_steps),
                  image_ranking=ranking, thumbs=thumbs, similarity=similarity, clip_model=section["clip_model"],
-                 preflight_page=_preflight_link(out_dir))
+                 preflight_page=preflight_page_link(out_dir.parent, out_dir))
     return metrics
-
-
-def _preflight_link(out_dir: Path) -> str | None:
-    """The workflow's pre-flight page ({out_dir}/preflight/index.html) relative to this run's page, when it exists."""
-    page = out_dir.resolve().parent.parent / "preflight" / "index.html"
-    return os.path.relpath(page, out_dir.resolve()) if page.is_file() else None
 
 
 def _metrics(run: RunToEvaluate, validation: pd.DataFrame, best: int, final_step: int, examples: list, held_out: bool,

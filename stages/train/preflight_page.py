@@ -94,7 +94,7 @@ def _timing_section(report: dict) -> str:
     rows = "\n".join(
         f'<tr><td class="left">{escape(", ".join(t["runs"]))}</td><td>{escape(t["device"])}</td><td>{escape(t["precision"])}</td>'
         f'<td>{t["batch_size"]}{" × " + str(t["grad_accum"]) if t["grad_accum"] > 1 else ""}</td>'
-        f'<td>{t["latent_size"][1] * 8}x{t["latent_size"][0] * 8}</td><td>{format_number(t["seconds_per_step"], 3)}</td>'
+        f'<td>{t["bucket"]}</td><td>{format_number(t["seconds_per_step"], 3)}</td>'
         f'<td>{t["peak_memory_bytes"] / 2**30:.2f} GiB</td></tr>' for t in report["timings"])
     totals = "\n".join(f'<tr><td class="left">{escape(run)}</td><td>{facts["steps"]}</td><td>{_duration(facts["estimated_training_seconds"])}</td></tr>'
                        for run, facts in report["runs"].items())

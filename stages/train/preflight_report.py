@@ -23,7 +23,7 @@ import pandas as pd
 
 from stages.common.config import run_settings
 from stages.common.files import write_text_atomic
-from stages.common.layout import StageDirs
+from stages.common.layout import PIXELS_PER_LATENT, StageDirs
 from stages.common.tokens import PROMPT_TOKEN_BUDGET
 from stages.train.optim import LearningRate
 from stages.train.order import BatchOrder
@@ -31,7 +31,6 @@ from stages.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
-LATENT_FACTOR = 8  # pixels per latent cell
 # AUTOMATIC1111's default is 0.005 and its users' guides go to 0.01 for speed, 0.1 only briefly at the start
 # of a schedule; more vectors learn (and overfit) faster, so the top of the range falls as vectors grow.
 USUAL_RATE_LOW, USUAL_RATE_HIGH, HIGHEST_RATE = 1e-4, 0.05, 0.2
@@ -61,7 +60,7 @@ def learning_rate_warning(learning_rate: float | str, vectors: int, steps: int, 
 def latent_sizes(preprocess_dir: Path, flip: bool) -> list[tuple[int, int]]:
     """(height, width) of every latent training will see: one per image, two with mirrored copies."""
     manifest = pd.read_csv(preprocess_dir / "manifest.csv", keep_default_na=False)
-    sizes = [(int(r.out_height) // LATENT_FACTOR, int(r.out_width) // LATENT_FACTOR) for r in manifest.itertuples()]
+    sizes = [(int(r.out_height) // PIXELS_PER_LATENT, int(r.out_width) // PIXELS_PER_LATENT) for r in manifest.itertuples()]
     return sizes * 2 if flip else sizes
 
 
@@ -71,7 +70,7 @@ def bucket_fill(sizes: list[tuple[int, int]], batch_size: int, repeats: int) -> 
     rows = []
     for (height, width), indices in order.buckets().items():
         count = len(indices) * repeats
-        rows.append({"width": width * LATENT_FACTOR, "height": height * LATENT_FACTOR, "latents": count,
+        rows.append({"width": width * PIXELS_PER_LATENT, "height": height * PIXELS_PER_LATENT, "latents": count,
                      "full_batches": count // batch_size, "partial_batch": count % batch_size})
     return rows
 
@@ -146,7 +145,9 @@ def run_preflight(config: dict, run: str, load_model: Callable, measure: Callabl
     else:
         bundle = load_model()
         measured = measure(bundle, train, largest)
-        timing = {"device": measured.device, "family": bundle.family.name, "latent_size": list(measured.latent_size),
+        height, width = measured.latent_size
+        timing = {"device": measured.device, "family": bundle.family.name, "latent_size": [height, width],
+                  "bucket": f"{width * PIXELS_PER_LATENT}x{height * PIXELS_PER_LATENT}",
                   "batch_size": train.batch_size, "grad_accum": train.grad_accum, "vectors": train.vectors, "apt": train.apt is not None,
                   "precision": f"{train.precision} ({measured.dtype})",
                   "gradient_checkpointing": train.gradient_checkpointing, "step_seconds": measured.step_seconds,

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from stages.common.latents import LatentExample
+from stages.common.layout import PIXELS_PER_LATENT
 from stages.common.models import ModelBundle
 from stages.train.outputs import RunOutputs
 from stages.train.resume import ResumeStore
@@ -49,7 +50,7 @@ def measure_steps(bundle: ModelBundle, settings: TrainSettings, latent_size: tup
     channels = bundle.unet.config.in_channels
     height, width = latent_size
     generator = torch.Generator().manual_seed(0)
-    factor = 8  # pixels per latent cell, every Stable Diffusion VAE
+    factor = PIXELS_PER_LATENT
     examples = [LatentExample(f"timing-{i}.png", torch.randn((channels, height, width), generator=generator),
                               torch.full((channels, height, width), -4.0), caption="a photo",
                               size_condition=(height * factor, width * factor, 0, 0, height * factor, width * factor))
